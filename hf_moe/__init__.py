@@ -1,0 +1,34 @@
+"""hf_moe: Mixture-of-Experts for Hugging Face Transformers.
+
+`import hf_moe` registers the MoE families with transformers' Auto classes.
+"""
+
+from .modeling import (
+    GPT2MoeConfig,
+    GPT2MoeForCausalLM,
+    GPT2MoeForSequenceClassification,
+    GPT2MoeModel,
+    GPT2MoePreTrainedModel,
+    MoeConfigFields,
+    Router,
+    RouterOutput,
+    SparseMoeBlock,
+)
+from .registration import register_auto_classes
+
+__version__ = "0.1.0"
+
+register_auto_classes()
+
+__all__ = [
+    "GPT2MoeConfig",
+    "GPT2MoeForCausalLM",
+    "GPT2MoeForSequenceClassification",
+    "GPT2MoeModel",
+    "GPT2MoePreTrainedModel",
+    "MoeConfigFields",
+    "Router",
+    "RouterOutput",
+    "SparseMoeBlock",
+    "__version__",
+]

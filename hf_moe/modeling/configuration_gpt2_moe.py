@@ -1,0 +1,75 @@
+"""GPT-2 MoE configuration: a `GPT2Config` plus the shared MoE fields and the choice of MoE blocks.
+
+Hub portability: this file travels with every saved checkpoint; only torch / transformers / huggingface_hub and
+single-dot siblings.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import GPT2Config
+
+from .configuration_moe import MoeConfigFields, validate_layer_list
+
+__all__ = ["GPT2MoeConfig"]
+
+
+@strict
+class GPT2MoeConfig(MoeConfigFields, GPT2Config):
+    r"""GPT-2 with sparse Mixture-of-Experts feed-forward blocks.
+
+    Every `GPT2Config` field keeps its meaning; the MoE fields are documented in `MoeConfigFields`.
+
+    Example:
+
+    ```python
+    >>> from hf_moe import GPT2MoeConfig, GPT2MoeForCausalLM
+    >>> config = GPT2MoeConfig(n_layer=2, n_embd=64, n_head=4, num_experts=4, num_experts_per_tok=2)
+    >>> model = GPT2MoeForCausalLM(config)
+    ```"""
+
+    model_type = "gpt2_moe"
+    attribute_map = {**GPT2Config.attribute_map, "num_experts": "num_local_experts"}
+
+    # indices of the blocks whose feed-forward is MoE; None: every block
+    moe_layers: list[int] | None = None
+
+    def validate_moe_layers(self):
+        validate_layer_list("moe_layers", self.moe_layers, self.n_layer)
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """Sorted indices of the MoE blocks."""
+        return sorted(self.moe_layers) if self.moe_layers is not None else list(range(self.n_layer))
+
+    @property
+    def dense_intermediate_size(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size if self.moe_intermediate_size is not None else self.dense_intermediate_size
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts without building the model: `total`, `active` (used per token), `experts`."""
+        hidden, inner, expert_inner = self.n_embd, self.dense_intermediate_size, self.expert_intermediate_size
+        layer_norm = 2 * hidden
+        attention = hidden * 3 * hidden + 3 * hidden + hidden * hidden + hidden
+        dense_ffn = 2 * hidden * inner + inner + hidden
+        one_expert = 2 * hidden * expert_inner + expert_inner + hidden
+        router = self.num_local_experts * hidden * (2 if self.router_type == "noisy_topk" else 1)
+        num_moe = len(self.moe_layer_indices)
+        num_dense = self.n_layer - num_moe
+        shared = (
+            self.vocab_size * hidden
+            + self.n_positions * hidden
+            + self.n_layer * (2 * layer_norm + attention)
+            + layer_norm
+            + num_dense * dense_ffn
+            + num_moe * router
+        )
+        if not self.tie_word_embeddings:
+            shared += self.vocab_size * hidden
+        experts = num_moe * self.num_local_experts * one_expert
+        active_experts = num_moe * self.num_experts_per_tok * one_expert
+        return {"total": shared + experts, "active": shared + active_experts, "experts": experts}

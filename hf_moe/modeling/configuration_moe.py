@@ -1,0 +1,110 @@
+"""MoE configuration fields shared by the hf_moe model families.
+
+`MoeConfigFields` is a keyword-only dataclass mixed into each family's `@strict` config (GPT-2 MoE, T5 MoE), so
+the fields are typed, serialized by `save_pretrained` and checked by the `validate_*` methods, which raise
+`ValueError` naming the field and the value. Field names follow transformers where one exists.
+
+Hub portability: this file travels with every saved checkpoint; it imports only torch / transformers /
+huggingface_hub and single-dot siblings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ROUTER_TYPES = ("topk", "noisy_topk")
+AUX_LOSS_TYPES = ("switch", "cv_squared")
+DROP_POLICIES = ("position", "probability")
+
+
+@dataclass(kw_only=True)
+class MoeConfigFields:
+    # number of experts in every MoE layer (alias: `num_experts`)
+    num_local_experts: int = 8
+    # experts each token is sent to (k of top-k); 1 is Switch routing
+    num_experts_per_tok: int = 2
+    # router implementation by registry name: "topk" (token choice) or "noisy_topk" (Shazeer et al. 2017)
+    router_type: str = "topk"
+    # renormalize the k combine weights to sum to 1; None: False for k=1 (Switch), True for k>=2 (Mixtral)
+    normalize_top_k_weights: bool | None = None
+    # std of the normal init of router weights (small, so routing starts near uniform)
+    router_init_std: float = 0.02
+    # Switch multiplicative jitter on the router input during training: x * U(1-eps, 1+eps); 0 disables
+    router_jitter_noise: float = 0.0
+    # std of additive Gaussian noise on router logits during training (Colossal-AI NormalNoiseGenerator); 0 disables
+    router_logit_noise_std: float = 0.0
+    # per-expert capacity = ceil(factor * tokens * k / experts) during training; None: dropless (no token dropped)
+    capacity_factor: float | None = None
+    # the same at evaluation / inference; None: dropless
+    eval_capacity_factor: float | None = None
+    # lower bound on the per-expert capacity when a capacity factor is set
+    min_capacity: int = 4
+    # which (token, expert) slots win when an expert overflows: "position" (first choices, then order) or "probability"
+    drop_policy: str = "position"
+    # load-balancing loss: "switch" (Fedus et al.) or "cv_squared" (importance + load, Shazeer et al.)
+    aux_loss_type: str = "switch"
+    # coefficient of the load-balancing loss added to `loss` whenever labels are given
+    router_aux_loss_coef: float = 0.01
+    # coefficient of the router z-loss (ST-MoE) added to `loss` whenever labels are given
+    router_z_loss_coef: float = 0.001
+    # dropout on the experts' hidden activation only, active in training (separate from the model's dropout)
+    expert_dropout: float = 0.0
+    # hidden size of each expert's FFN; None: the dense model's FFN size
+    moe_intermediate_size: int | None = None
+    # return the router logits of every MoE layer in the outputs
+    output_router_logits: bool = False
+
+    def validate_moe_experts(self):
+        if self.num_local_experts < 1:
+            raise ValueError(f"num_local_experts must be >= 1, got {self.num_local_experts}")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, num_local_experts={self.num_local_experts}], "
+                f"got {self.num_experts_per_tok}"
+            )
+        if self.moe_intermediate_size is not None and self.moe_intermediate_size < 1:
+            raise ValueError(f"moe_intermediate_size must be >= 1 or None, got {self.moe_intermediate_size}")
+
+    def validate_moe_routing(self):
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.aux_loss_type not in AUX_LOSS_TYPES:
+            raise ValueError(f"aux_loss_type must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        if not 0.0 <= self.router_jitter_noise < 1.0:
+            raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise}")
+        for name in ("router_logit_noise_std", "router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.router_init_std <= 0:
+            raise ValueError(f"router_init_std must be > 0, got {self.router_init_std}")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
+
+    def validate_moe_capacity(self):
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, or None for dropless routing; got {value}")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+
+    @property
+    def normalizes_top_k_weights(self) -> bool:
+        """The effective `normalize_top_k_weights`: Switch (k=1) keeps the raw probability, k>=2 renormalizes."""
+        if self.normalize_top_k_weights is None:
+            return self.num_experts_per_tok > 1
+        return self.normalize_top_k_weights
+
+
+def validate_layer_list(name: str, layers: list[int] | None, num_layers: int) -> None:
+    """Check an explicit list of MoE layer indices: unique, in range."""
+    if layers is None:
+        return
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"{name} has indices out of range [0, {num_layers}): {bad} (got {layers})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name} has repeated indices: {layers}")

@@ -1,0 +1,110 @@
+"""Experts: E feed-forward networks stored as 3D parameters, in the layout transformers' experts kernels expect.
+
+Shape legend: T tokens, D hidden size, F expert hidden size, E experts, K experts per token.
+
+A family subclasses `MoeExperts` in its own modeling file and decorates it with transformers'
+`@use_experts_implementation(...)` (transformers looks for that text in the model's own source file before it lets
+a model switch experts implementation). The decorator dispatches `forward` to "grouped_mm" (the default: one sort,
+grouped GEMMs), "batched_mm" or this file's "eager" reference loop, all with the contract
+`forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK) -> out_TD`.
+
+Parameter names follow transformers: `gate_up_proj` (gated) or `up_proj`, `down_proj`, and `*_bias`.
+Weights are (E, out, in) like `nn.Linear`, or (E, in, out) when `is_transposed` (GPT-2's `Conv1D` layout).
+
+Hub portability: this file travels with every saved checkpoint; only torch / transformers and single-dot siblings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+__all__ = ["ExpertActivation", "MoeExperts"]
+
+
+class ExpertActivation(nn.Module):
+    """The experts' activation followed by expert-only dropout (Fedus et al. 2021: higher dropout inside experts).
+
+    Every experts kernel calls `act_fn` on the expert hidden activation (for gated experts: on the gate, which then
+    multiplies the up projection), so dropout placed here works for eager, batched_mm and grouped_mm alike, and is
+    off in eval mode like any `nn.Dropout`.
+    """
+
+    def __init__(self, activation: str, dropout: float):
+        super().__init__()
+        self.act = ACT2FN[activation]
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.act(hidden_states))
+
+
+class MoeExperts(nn.Module):
+    """E feed-forward experts as 3D parameters; `forward` here is the eager reference implementation."""
+
+    def __init__(
+        self,
+        config,
+        *,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str,
+        gated: bool,
+        bias: bool,
+        transposed: bool,
+    ):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.act_fn = ExpertActivation(activation, config.expert_dropout)
+        num_experts, hidden, inner = self.num_experts, hidden_size, intermediate_size
+        up_out = 2 * inner if gated else inner
+
+        def weight(out_dim: int, in_dim: int) -> nn.Parameter:
+            shape = (num_experts, in_dim, out_dim) if transposed else (num_experts, out_dim, in_dim)
+            return nn.Parameter(torch.empty(shape))
+
+        if gated:
+            self.gate_up_proj = weight(up_out, hidden)
+        else:
+            self.up_proj = weight(up_out, hidden)
+        self.down_proj = weight(hidden, inner)
+        if bias:
+            bias_name = "gate_up_proj_bias" if gated else "up_proj_bias"
+            setattr(self, bias_name, nn.Parameter(torch.zeros(num_experts, up_out)))
+            self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden))
+
+    def _linear(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = hidden @ weight if self.is_transposed else hidden @ weight.t()
+        return out if bias is None else out + bias
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        # group the (token, expert) slots by expert with one sort; the counts come back to the host once
+        expert_ids_N, perm_N = torch.sort(top_k_index.reshape(-1), stable=True)
+        token_ids_N = perm_N // top_k
+        counts = torch.bincount(expert_ids_N, minlength=self.num_experts).tolist()
+        up_weight = self.gate_up_proj if self.has_gate else self.up_proj
+        up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+        down_bias = self.down_proj_bias if self.has_bias else None
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts[: self.num_experts]):  # ids >= num_experts (EP sentinels) are skipped
+            if count == 0:
+                continue
+            rows = hidden_states[token_ids_N[start : start + count]]
+            hidden = self._linear(rows, up_weight[expert], None if up_bias is None else up_bias[expert])
+            hidden = self._apply_gate(hidden) if self.has_gate else self.act_fn(hidden)
+            outputs.append(self._linear(hidden, self.down_proj[expert], None if down_bias is None else down_bias[expert]))
+            start += count
+        kept_slots = start
+        out_ND = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1])
+        if outputs:
+            out_ND[perm_N[:kept_slots]] = torch.cat(outputs).to(out_ND.dtype)
+        weighted_ND = out_ND * top_k_weights.reshape(-1, 1).to(out_ND.dtype)
+        # reshape + sum rather than index_add_: deterministic on GPU, like transformers' kernels
+        return weighted_ND.view(num_tokens, top_k, -1).sum(dim=1)

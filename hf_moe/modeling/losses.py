@@ -1,0 +1,132 @@
+"""Router losses as pure functions of tensors.
+
+Shape legend: T tokens (batch x sequence, flattened), E experts, K experts per token.
+`token_mask_T` (optional, any dtype) marks the tokens that count: padding tokens are 0 and are left out of every
+mean, so padding never changes a loss.
+
+Every loss is computed in float32; callers pass float32 router tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "accumulation_share",
+    "cv_squared",
+    "importance_load_loss",
+    "mean_over_layers",
+    "noisy_top_k_load",
+    "router_z_loss",
+    "switch_load_balancing_loss",
+]
+
+
+def _token_weights(num_tokens: int, token_mask_T: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if token_mask_T is None:
+        return torch.ones(num_tokens, dtype=torch.float32, device=device)
+    return token_mask_T.reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def switch_load_balancing_loss(
+    probs_TE: torch.Tensor, top_k_index_TK: torch.Tensor, token_mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6), generalized to top-k.
+
+    E * sum_e f_e * P_e, with f_e the fraction of the (token, slot) assignments that went to expert e and P_e the
+    mean router probability of expert e. Equals 1 at perfectly uniform routing, its minimum for balanced
+    assignments; it grows to E when one expert takes everything with certainty.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    top_k = top_k_index_TK.shape[-1]
+    weights_T = _token_weights(num_tokens, token_mask_T, probs_TE.device)
+    num_valid = weights_T.sum().clamp_min(1.0)
+    # scatter_add, not bincount: no host sync, and padding tokens add weight 0.
+    assignments_E = torch.zeros(num_experts, dtype=torch.float32, device=probs_TE.device).scatter_add_(
+        0, top_k_index_TK.reshape(-1), weights_T.repeat_interleave(top_k)
+    )
+    fraction_E = assignments_E / (num_valid * top_k)
+    mean_prob_E = (probs_TE.float() * weights_T.unsqueeze(-1)).sum(dim=0) / num_valid
+    return num_experts * torch.sum(fraction_E * mean_prob_E)
+
+
+def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation (population variance / mean^2); 0 for equal values."""
+    values = values.float()
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    return values.var(unbiased=False) / (values.mean() ** 2 + eps)
+
+
+def importance_load_loss(
+    gates_TE: torch.Tensor, load_E: torch.Tensor, token_mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Shazeer et al. (2017) balancing loss: CV^2 of the expert importance (sum of gate values) + CV^2 of the load.
+
+    `gates_TE` holds each token's combine weights at its selected experts and 0 elsewhere; `load_E` is the
+    (smooth, for noisy gating, else hard) number of tokens per expert. Lower bound 0, reached by equal importance and
+    equal load.
+    """
+    weights_T = _token_weights(gates_TE.shape[0], token_mask_T, gates_TE.device)
+    importance_E = (gates_TE.float() * weights_T.unsqueeze(-1)).sum(dim=0)
+    return cv_squared(importance_E) + cv_squared(load_E)
+
+
+def noisy_top_k_load(
+    clean_logits_TE: torch.Tensor,
+    noisy_logits_TE: torch.Tensor,
+    noise_std_TE: torch.Tensor,
+    top_k: int,
+    token_mask_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Smooth per-expert load estimator of noisy top-k gating (Shazeer et al. 2017, appendix A).
+
+    P(token, e) = Phi((clean_e - threshold_e) / noise_std_e): the probability that expert e stays in the top k if its
+    noise is resampled, the other experts' noisy logits held fixed. The threshold is the k-th largest noisy logit
+    among the other experts. Returns load_E = sum over tokens of P, differentiable in the clean logits and noise.
+    """
+    num_tokens, num_experts = clean_logits_TE.shape
+    weights_T = _token_weights(num_tokens, token_mask_T, clean_logits_TE.device)
+    if top_k >= num_experts:  # every expert is always selected
+        return weights_T.sum().expand(num_experts)
+    top_values_TK1, _ = noisy_logits_TE.topk(top_k + 1, dim=-1)
+    kth_T1 = top_values_TK1[:, top_k - 1 : top_k]  # k-th largest overall
+    k_plus_1th_T1 = top_values_TK1[:, top_k : top_k + 1]
+    # an expert inside the top k must beat the (k+1)-th value to stay in; one outside must beat the k-th
+    is_in_TE = noisy_logits_TE >= kth_T1
+    threshold_TE = torch.where(is_in_TE, k_plus_1th_T1, kth_T1)
+    normal = torch.distributions.Normal(
+        torch.zeros((), device=clean_logits_TE.device), torch.ones((), device=clean_logits_TE.device)
+    )
+    prob_TE = normal.cdf((clean_logits_TE - threshold_TE) / noise_std_TE)
+    return (prob_TE * weights_T.unsqueeze(-1)).sum(dim=0)
+
+
+def router_z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(logits)^2.
+
+    Penalizes large router logits, which keeps the float32 softmax stable. 0 only when every logsumexp is 0.
+    """
+    weights_T = _token_weights(logits_TE.shape[0], token_mask_T, logits_TE.device)
+    z_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    return (z_T.square() * weights_T).sum() / weights_T.sum().clamp_min(1.0)
+
+
+def mean_over_layers(per_layer_losses: tuple[torch.Tensor, ...] | None) -> torch.Tensor | None:
+    """Average of the MoE layers' losses (each layer's loss is computed on its own routing, never pooled)."""
+    if not per_layer_losses:
+        return None
+    return torch.stack([loss.float() for loss in per_layer_losses]).mean()
+
+
+def accumulation_share(num_local_items: torch.Tensor, num_items_in_batch: torch.Tensor | int | None):
+    """The share of the router losses one micro-batch adds under gradient accumulation.
+
+    With `num_items_in_batch` (passed by `Trainer` when it accumulates gradients), the language-model loss is a sum
+    over this micro-batch divided by the label count of the whole accumulated batch, so micro-batch losses add up to
+    one batch's loss. Weighting the router losses by this micro-batch's share of the labels makes them add up the same
+    way, instead of growing with the number of accumulation steps. Without it: 1.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    return num_local_items.float() / torch.as_tensor(num_items_in_batch, device=num_local_items.device).float()
