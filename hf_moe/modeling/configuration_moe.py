@@ -56,6 +56,7 @@ class MoeConfigFields:
     output_router_logits: bool = False
 
     def validate_moe_experts(self):
+        _require_numbers(self, "num_local_experts", "num_experts_per_tok", integer=True)
         if self.num_local_experts < 1:
             raise ValueError(f"num_local_experts must be >= 1, got {self.num_local_experts}")
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
@@ -67,6 +68,10 @@ class MoeConfigFields:
             raise ValueError(f"moe_intermediate_size must be >= 1 or None, got {self.moe_intermediate_size}")
 
     def validate_moe_routing(self):
+        _require_numbers(
+            self, "router_jitter_noise", "router_logit_noise_std", "router_aux_loss_coef", "router_z_loss_coef"
+        )
+        _require_numbers(self, "router_init_std", "expert_dropout")
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.aux_loss_type not in AUX_LOSS_TYPES:
@@ -84,6 +89,7 @@ class MoeConfigFields:
             raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
 
     def validate_moe_capacity(self):
+        _require_numbers(self, "min_capacity", integer=True)
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -97,6 +103,16 @@ class MoeConfigFields:
         if self.normalize_top_k_weights is None:
             return self.num_experts_per_tok > 1
         return self.normalize_top_k_weights
+
+
+def _require_numbers(config, *names: str, integer: bool = False) -> None:
+    # the range checks below compare numbers; a string or None would fail there with a message that names no field
+    allowed = (int,) if integer else (int, float)
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            kind = "an int" if integer else "a number"
+            raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
 
 
 def validate_layer_list(name: str, layers: list[int] | None, num_layers: int) -> None:

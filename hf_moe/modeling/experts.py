@@ -99,7 +99,9 @@ class MoeExperts(nn.Module):
             rows = hidden_states[token_ids_N[start : start + count]]
             hidden = self._linear(rows, up_weight[expert], None if up_bias is None else up_bias[expert])
             hidden = self._apply_gate(hidden) if self.has_gate else self.act_fn(hidden)
-            outputs.append(self._linear(hidden, self.down_proj[expert], None if down_bias is None else down_bias[expert]))
+            outputs.append(
+                self._linear(hidden, self.down_proj[expert], None if down_bias is None else down_bias[expert])
+            )
             start += count
         kept_slots = start
         out_ND = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1])

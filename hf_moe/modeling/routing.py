@@ -168,9 +168,11 @@ class Router(nn.Module):
             load_E = noisy_top_k_load(clean_logits_TE, logits_TE, noise_std_TE, self.top_k, token_mask_T)
         else:
             # hard counts carry no gradient: without noise only the importance term trains the router
-            token_weights_TK = torch.ones_like(top_k_weights_TK) if token_mask_T is None else token_mask_T.reshape(
-                -1, 1
-            ).float().expand_as(top_k_weights_TK)
+            token_weights_TK = (
+                torch.ones_like(top_k_weights_TK)
+                if token_mask_T is None
+                else token_mask_T.reshape(-1, 1).float().expand_as(top_k_weights_TK)
+            )
             load_E = torch.zeros(self.num_experts, device=probs_TE.device).scatter_add_(
                 0, top_k_index_TK.reshape(-1), token_weights_TK.reshape(-1)
             )

@@ -20,13 +20,28 @@ from torch import nn
 
 from .routing import RouterOutput, build_router
 
-__all__ = ["SparseMoeBlock"]
+__all__ = ["SparseMoeBlock", "require_non_reentrant_checkpointing"]
 
 
 def _is_backward_recompute() -> bool:
     # Gradient checkpointing runs the forward a second time inside backward; counting it again would double every
     # counter. The autograd engine reports a graph task only while it executes a backward pass.
     return torch._C._current_graph_task_id() != -1
+
+
+def require_non_reentrant_checkpointing(gradient_checkpointing_func) -> None:
+    """Refuse reentrant activation checkpointing, which would silently drop the router losses' gradients.
+
+    The router losses leave each layer through transformers' output recorders, not through the layer's outputs.
+    Reentrant checkpointing runs the first forward under `no_grad` and only differentiates the layer's outputs, so
+    those losses would train nothing. Non-reentrant checkpointing (transformers' default) keeps them.
+    """
+    if getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False):
+        raise ValueError(
+            "MoE models need non-reentrant activation checkpointing: with use_reentrant=True the router losses get "
+            "no gradient. Call activation_checkpointing_enable() without arguments, or pass "
+            "{'use_reentrant': False}."
+        )
 
 
 class SparseMoeBlock(nn.Module):

@@ -1,0 +1,86 @@
+"""A saved folder carries its code and loads with trust_remote_code=True where hf_moe cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from tests.conftest import tiny_gpt2_moe_config
+
+# Runs in a fresh interpreter in which any import of hf_moe fails, as on a machine where it is not installed.
+LOAD_WITHOUT_HF_MOE = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class NoHfMoe(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_moe" or name.startswith("hf_moe."):
+                raise ImportError("hf_moe is not installed here")
+
+    sys.meta_path.insert(0, NoHfMoe())
+    import torch, transformers
+
+    folder, auto_class, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+    assert not any(name.startswith("hf_moe") for name in sys.modules), "hf_moe was imported"
+    input_ids = torch.load(folder + "/input_ids.pt")
+    with torch.no_grad():
+        output = model(input_ids)
+    result = output.logits if hasattr(output, "logits") else output.last_hidden_state
+    torch.save({"result": result, "class": type(model).__name__}, out)
+    """
+)
+
+
+def load_without_hf_moe(folder, auto_class, tmp_path):
+    out = tmp_path / "result.pt"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_HF_MOE, str(folder), auto_class, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_saved_folder_carries_the_flat_modeling_files_and_auto_map(tmp_path):
+    from hf_moe import GPT2MoeForCausalLM
+
+    GPT2MoeForCausalLM(tiny_gpt2_moe_config()).save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    expected = {"configuration_gpt2_moe.py", "modeling_gpt2_moe.py", "routing.py", "experts.py", "losses.py"}
+    assert expected | {"configuration_moe.py", "sparse_moe.py"} <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_gpt2_moe.GPT2MoeConfig"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_gpt2_moe.GPT2MoeForCausalLM"
+    assert auto_map["AutoModel"] == "modeling_gpt2_moe.GPT2MoeModel"
+    # the modeling files import nothing of hf_moe: they must work without it
+    for name in files:
+        if name.endswith(".py"):
+            source = (tmp_path / name).read_text()
+            assert not re.search(r"^\s*(from|import)\s+hf_moe", source, re.MULTILINE), name
+
+
+def test_remote_code_load_without_hf_moe_gives_identical_logits(tmp_path):
+    from hf_moe import GPT2MoeForCausalLM
+
+    model = GPT2MoeForCausalLM(tiny_gpt2_moe_config(router_type="noisy_topk", moe_layers=[1])).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    input_ids = torch.randint(2, 99, (2, 7))
+    torch.save(input_ids, folder / "input_ids.pt")
+    loaded = load_without_hf_moe(folder, "AutoModelForCausalLM", tmp_path)
+    assert loaded["class"] == "GPT2MoeForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(loaded["result"], model(input_ids).logits)
+    base = load_without_hf_moe(folder, "AutoModel", tmp_path)
+    assert base["class"] == "GPT2MoeModel"
