@@ -28,6 +28,9 @@ class MoeConfigFields:
     router_type: str = "topk"
     # renormalize the k combine weights to sum to 1; None: False for k=1 (Switch), True for k>=2 (Mixtral)
     normalize_top_k_weights: bool | None = None
+    # combine the selected experts with weight 1 (MoEfication / split upcycling: the router only selects experts and
+    # learns through its losses); excludes normalize_top_k_weights=True
+    unit_combine_weights: bool = False
     # std of the normal init of router weights (small, so routing starts near uniform)
     router_init_std: float = 0.02
     # Switch multiplicative jitter on the router input during training: x * U(1-eps, 1+eps); 0 disables
@@ -76,6 +79,11 @@ class MoeConfigFields:
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.aux_loss_type not in AUX_LOSS_TYPES:
             raise ValueError(f"aux_loss_type must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
+        if self.unit_combine_weights and self.normalize_top_k_weights:
+            raise ValueError(
+                "unit_combine_weights=True combines experts with weight 1; it cannot be combined with "
+                f"normalize_top_k_weights={self.normalize_top_k_weights} (leave that None or False)"
+            )
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         if not 0.0 <= self.router_jitter_noise < 1.0:

@@ -109,6 +109,7 @@ class Router(nn.Module):
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.normalize_top_k_weights = config.normalizes_top_k_weights
+        self.unit_combine_weights = config.unit_combine_weights
         self.jitter_noise = config.router_jitter_noise
         self.logit_noise_std = config.router_logit_noise_std
         self.aux_loss_type = config.aux_loss_type
@@ -137,7 +138,9 @@ class Router(nn.Module):
             probs_TE = torch.softmax(logits_TE, dim=-1)
             top_k_probs_TK, top_k_index_TK = torch.topk(probs_TE, self.top_k, dim=-1)
             top_k_weights_TK = top_k_probs_TK
-            if self.normalize_top_k_weights:
+            if self.unit_combine_weights:
+                top_k_weights_TK = torch.ones_like(top_k_probs_TK)
+            elif self.normalize_top_k_weights:
                 top_k_weights_TK = top_k_probs_TK / top_k_probs_TK.sum(dim=-1, keepdim=True)
 
             kept_TK = None

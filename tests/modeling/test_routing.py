@@ -131,3 +131,14 @@ def test_router_drops_and_zeroes_weights_of_dropped_slots():
 def test_bad_drop_policy_is_rejected():
     with pytest.raises(ValueError, match="drop_policy"):
         capacity_keep_mask(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 1, 1, drop_policy="random")
+
+
+def test_unit_combine_weights_select_without_weighting():
+    router = make_router(num_experts_per_tok=2, unit_combine_weights=True, eval_capacity_factor=0.5).eval()
+    out = router(torch.randn(32, 32))
+    assert torch.equal(out.top_k_weights_TK, out.kept_TK.float())
+
+
+def test_unit_combine_weights_exclude_explicit_normalization():
+    with pytest.raises(Exception, match="unit_combine_weights"):
+        tiny_gpt2_moe_config(unit_combine_weights=True, normalize_top_k_weights=True)

@@ -1,0 +1,22 @@
+"""Conversions into hf_moe models. moefy: dense GPT-2 / T5 checkpoints -> Mixture-of-Experts models (sparse upcycling
+and friends); imports of other MoE implementations (Switch Transformers)."""
+
+from .init_methods import INIT_METHODS, DenseFFN, init_experts
+from .layer_selection import select_layers
+from .moefy import SUPPORTED_MODEL_TYPES, moefy
+from .report import REPORT_FILENAME, ConversionReport
+from .save import save_converted
+from .switch_transformers import from_switch_transformers
+
+__all__ = [
+    "INIT_METHODS",
+    "REPORT_FILENAME",
+    "SUPPORTED_MODEL_TYPES",
+    "ConversionReport",
+    "DenseFFN",
+    "from_switch_transformers",
+    "init_experts",
+    "moefy",
+    "save_converted",
+    "select_layers",
+]
