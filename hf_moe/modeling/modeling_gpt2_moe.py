@@ -39,7 +39,8 @@ from .configuration_gpt2_moe import GPT2MoeConfig
 from .experts import MoeExperts
 from .losses import accumulation_share, mean_over_layers
 from .routing import NoisyTopKRouter, Router, RouterOutput
-from .sparse_moe import SparseMoeBlock, require_non_reentrant_checkpointing
+from .moe_pretrained import MoePreTrainedMixin
+from .sparse_moe import SparseMoeBlock
 
 __all__ = [
     "GPT2MoeCausalLMOutput",
@@ -155,7 +156,7 @@ class GPT2MoeBlock(GPT2Block):
 _ROUTER_FIELDS = RouterOutput._fields
 
 
-class GPT2MoePreTrainedModel(GPT2PreTrainedModel):
+class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
     config: GPT2MoeConfig
     config_class = GPT2MoeConfig
     _no_split_modules = ["GPT2MoeBlock"]
@@ -166,26 +167,11 @@ class GPT2MoePreTrainedModel(GPT2PreTrainedModel):
         "router_z_losses": OutputRecorder(Router, index=_ROUTER_FIELDS.index("z_loss")),
     }
 
-    # every head of the family, so a saved folder loads with any of these Auto classes under trust_remote_code
     _auto_map_heads = {
         "AutoModel": "GPT2MoeModel",
         "AutoModelForCausalLM": "GPT2MoeForCausalLM",
         "AutoModelForSequenceClassification": "GPT2MoeForSequenceClassification",
     }
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        module = __name__.rsplit(".", 1)[-1]
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.update({auto: f"{module}.{name}" for auto, name in self._auto_map_heads.items()})
-        self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
-        if enable:
-            require_non_reentrant_checkpointing(gradient_checkpointing_func)
-        if gradient_checkpointing_func is None:
-            return super()._set_gradient_checkpointing(enable=enable, **kwargs)
-        return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)

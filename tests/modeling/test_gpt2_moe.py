@@ -368,3 +368,12 @@ def test_save_load_round_trip_is_exact(tmp_path):
 def test_import_registers_idempotently():
     hf_moe.register_auto_classes()
     assert AutoConfig.for_model("gpt2_moe").__class__ is GPT2MoeConfig
+
+
+def test_experts_implementation_is_settable_after_a_dense_gpt2_was_built():
+    """transformers caches `_can_set_experts_implementation` on classes; a dense parent's False must not leak."""
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=99))
+    model = tiny_model()
+    assert model.config._experts_implementation == "grouped_mm"
+    model.set_experts_implementation("batched_mm")
+    assert model.config._experts_implementation == "batched_mm"

@@ -1,0 +1,288 @@
+"""Model cards for hf_moe models: Hub metadata plus a body that records how the MoE was made and how to load it.
+
+The body comes from a Jinja template shipped inside the package (`templates/moe_model_card.md`, package data, so a
+`pip install` has it). This module turns the config and the conversion report into plain rows and strings; the
+template only lays them out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+from transformers import PreTrainedConfig
+
+from ..modeling import (
+    GPT2MoeForCausalLM,
+    GPT2MoeForSequenceClassification,
+    GPT2MoeModel,
+    MoeConfigFields,
+    T5MoeEncoderModel,
+    T5MoeForConditionalGeneration,
+    T5MoeModel,
+)
+
+__all__ = ["MODEL_CARD_TEMPLATE", "render_model_card", "save_model_card"]
+
+MODEL_CARD_TEMPLATE = Path(__file__).parent / "templates" / "moe_model_card.md"
+
+# architecture -> (Hub pipeline tag, Auto class). Seq2seq LMs keep the Hub task "text2text-generation": transformers 5
+# removed that pipeline, but the Hub still files encoder-decoder LMs under it and transformers' own `modelcard.py`
+# still tags them so.
+_HEADS: dict[str, tuple[str | None, str]] = {
+    GPT2MoeForCausalLM.__name__: ("text-generation", "AutoModelForCausalLM"),
+    GPT2MoeForSequenceClassification.__name__: ("text-classification", "AutoModelForSequenceClassification"),
+    GPT2MoeModel.__name__: ("feature-extraction", "AutoModel"),
+    T5MoeForConditionalGeneration.__name__: ("text2text-generation", "AutoModelForSeq2SeqLM"),
+    T5MoeModel.__name__: ("feature-extraction", "AutoModel"),
+    T5MoeEncoderModel.__name__: ("feature-extraction", "AutoModelForTextEncoding"),
+}
+_GENERATING_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
+_FAMILY_NAMES = {"gpt2": "GPT-2", "t5": "T5"}
+
+_ROUTER_NAMES = {"topk": "token-choice top-k softmax", "noisy_topk": "noisy top-k gating (Shazeer et al. 2017)"}
+_INIT_METHOD_NAMES = {
+    "copy": "every expert is a copy of the dense FFN (sparse upcycling, Komatsuzaki et al. 2022)",
+    "noise": "copies of the dense FFN plus small independent Gaussian noise per expert",
+    "drop_upcycle": "copies with a random subset of intermediate neurons re-initialized per expert "
+    "(Drop-Upcycling, Nakamura et al. 2025)",
+    "split": "the dense FFN's intermediate neurons partitioned among the experts (MoEfication, Zhang et al. 2022)",
+}
+
+
+def render_model_card(
+    config: PreTrainedConfig,
+    *,
+    report: dict | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    model_name: str | None = None,
+    training_results: dict | None = None,
+    eval_results: dict | None = None,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """The model card of an hf_moe model.
+
+    Args:
+        config: the model's config (`GPT2MoeConfig`, `T5MoeConfig`); routing settings and parameter counts come from
+            it, the Hub pipeline tag and Auto class from `config.architectures` (a causal or seq2seq LM when unset).
+        report: the conversion report as a dict (`ConversionReport.to_dict()`); None for a model not made by moefy.
+            Missing keys leave their rows out.
+        base_model: Hub id of the dense model it was made from (metadata `base_model`); None for a local source.
+        license: Hub license id, usually the base model's.
+        model_name: the card's title; default: the last part of `repo_id`, else the family's name.
+        training_results, eval_results: metric name -> value, shown as tables.
+        repo_id: the Hub repo the card's usage snippets load from; default: a placeholder path.
+    """
+    if not isinstance(config, MoeConfigFields):
+        raise TypeError(
+            f"render_model_card takes the config of an hf_moe model (GPT2MoeConfig, T5MoeConfig), "
+            f"got {type(config).__name__}"
+        )
+    report = _require_mapping("report", report)
+    training_results = _require_mapping("training_results", training_results)
+    eval_results = _require_mapping("eval_results", eval_results)
+
+    family = _dense_model_type(config)
+    family_name = _FAMILY_NAMES.get(family, family)
+    # a config that never saw a model (built by hand for a card) gets the family's language-model head
+    default_head = T5MoeForConditionalGeneration if config.is_encoder_decoder else GPT2MoeForCausalLM
+    architecture = (config.architectures or [default_head.__name__])[0]
+    # an unknown head gets no pipeline tag and loads with AutoModel
+    pipeline_tag, auto_class = _HEADS.get(architecture, (None, "AutoModel"))
+    counts = config.parameter_counts()
+    tags = ["hf_moe", "moe", "mixture-of-experts", family] + (["upcycling"] if report else [])
+    card_data = ModelCardData(
+        base_model=base_model,
+        license=license,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=tags,
+    )
+    model_ref = repo_id or "path/to/this/model"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        title=model_name or (repo_id.split("/")[-1] if repo_id else f"{family_name} MoE"),
+        family_name=family_name,
+        architecture=architecture,
+        model_type=config.model_type,
+        num_experts=config.num_local_experts,
+        top_k=config.num_experts_per_tok,
+        total_parameters=_count(counts["total"]),
+        active_parameters=_count(counts["active"]),
+        detail_rows=_detail_rows(config),
+        routing_rows=_routing_rows(config),
+        parameter_rows=_parameter_rows(counts, report),
+        conversion_rows=_conversion_rows(report) if report else [],
+        auto_class=auto_class,
+        generates=auto_class in _GENERATING_AUTO_CLASSES,
+        model_ref=model_ref,
+        # an upcycled model keeps its base's vocabulary, and the base's tokenizer is there even when the folder has none
+        tokenizer_ref=base_model or model_ref,
+        prompt="translate English to German: The house is wonderful." if config.is_encoder_decoder else "Hello, I am",
+        training_rows=_result_rows(training_results),
+        eval_rows=_result_rows(eval_results),
+        drops_tokens=config.capacity_factor is not None or config.eval_capacity_factor is not None,
+    )
+
+
+def save_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:
+    """Write `card` as `folder/README.md` (the file the Hub shows), replacing any previous card in one rename."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"save_model_card: {folder} is not an existing folder")
+    path = folder / "README.md"
+    partial = folder / ".README.md.partial"
+    card.save(partial)
+    partial.replace(path)
+    return path
+
+
+def _require_mapping(name: str, value) -> Mapping | None:
+    if value is not None and not isinstance(value, Mapping):
+        hint = " (pass report.to_dict())" if hasattr(value, "to_dict") else ""
+        raise TypeError(f"{name} must be a dict or None, got {type(value).__name__}{hint}")
+    return value
+
+
+def _dense_model_type(config: PreTrainedConfig) -> str:
+    """The dense family this MoE config extends ("gpt2" for GPT2MoeConfig, a GPT2Config subclass)."""
+    for cls in type(config).__mro__[1:]:
+        model_type = getattr(cls, "model_type", "")
+        if model_type and model_type != config.model_type:
+            return model_type
+    return config.model_type
+
+
+def _detail_rows(config) -> list[tuple[str, str]]:
+    rows = [("Hidden size", str(config.hidden_size))]
+    for label, (indices, num_layers) in _moe_layers(config).items():
+        rows.append((f"MoE layers{label}", _layers(indices, num_layers)))
+    rows.append(("Expert FFN size", str(config.expert_intermediate_size)))
+    return rows
+
+
+def _moe_layers(config) -> dict[str, tuple[list[int], int]]:
+    """Stack label -> (MoE block indices, blocks in the stack); read through getattr so any family fits."""
+    if hasattr(config, "moe_layer_indices"):
+        return {"": (config.moe_layer_indices, config.num_hidden_layers)}
+    return {
+        " (encoder)": (config.encoder_moe_layer_indices, config.num_layers),
+        " (decoder)": (config.decoder_moe_layer_indices, config.num_decoder_layers),
+    }
+
+
+def _routing_rows(config) -> list[tuple[str, str]]:
+    if config.unit_combine_weights:
+        combine = "weight 1 for each selected expert"
+    elif config.normalizes_top_k_weights:
+        combine = "router probabilities renormalized over the top-k"
+    else:
+        combine = "router probability of each selected expert"
+    noise = [
+        f"jitter {config.router_jitter_noise}" if config.router_jitter_noise else "",
+        f"logit noise std {config.router_logit_noise_std}" if config.router_logit_noise_std else "",
+    ]
+    return [
+        ("Experts per MoE layer", str(config.num_local_experts)),
+        ("Experts per token (top-k)", str(config.num_experts_per_tok)),
+        ("Router", f"`{config.router_type}`: {_ROUTER_NAMES.get(config.router_type, config.router_type)}"),
+        ("Combine weights", combine),
+        ("Router noise in training", ", ".join(n for n in noise if n) or "none"),
+        ("Capacity factor (training)", _capacity(config.capacity_factor, config)),
+        ("Capacity factor (evaluation)", _capacity(config.eval_capacity_factor, config)),
+        ("Load-balancing loss", f"`{config.aux_loss_type}`, coefficient {config.router_aux_loss_coef}"),
+        ("Router z-loss coefficient", str(config.router_z_loss_coef)),
+        ("Expert dropout", str(config.expert_dropout)),
+    ]
+
+
+def _capacity(factor: float | None, config) -> str:
+    if factor is None:
+        return "dropless (no token is dropped)"
+    return f"{factor} (at least {config.min_capacity} slots; drop policy `{config.drop_policy}`)"
+
+
+def _parameter_rows(counts: dict[str, int], report: Mapping | None) -> list[tuple[str, str]]:
+    rows = [
+        ("Total", _count(counts["total"])),
+        ("Active per token", f"{_count(counts['active'])}, {100 * counts['active'] / counts['total']:.0f}% of total"),
+        ("In experts", _count(counts["experts"])),
+    ]
+    dense = (report or {}).get("dense_parameters")
+    if dense:
+        rows.append(("Dense source model", f"{_count(dense)} (the MoE holds {counts['total'] / dense:.2f}x)"))
+    return rows
+
+
+def _conversion_rows(report: Mapping) -> list[tuple[str, str]]:
+    rows = []
+    if "source_model" in report:
+        rows.append(("Source model", f"`{report['source_model']}`"))
+    if "source_class" in report and "target_class" in report:
+        rows.append(("Classes", f"`{report['source_class']}` -> `{report['target_class']}`"))
+    if "init_method" in report:
+        method = report["init_method"]
+        described = _INIT_METHOD_NAMES.get(method)
+        rows.append(("Init method", f"`{method}`: {described}" if described else f"`{method}`"))
+    if report.get("init_options"):
+        rows.append(("Init options", ", ".join(f"`{k}={v}`" for k, v in sorted(report["init_options"].items()))))
+    for key, label in (("seed", "Seed"), ("num_experts", "Experts per MoE layer"), ("top_k", "Experts per token")):
+        if key in report:
+            rows.append((label, str(report[key])))
+    if "router_type" in report:
+        rows.append(("Router", f"`{report['router_type']}`"))
+    layers = report.get("moe_layers")
+    if isinstance(layers, Mapping):  # encoder-decoder: one list per stack
+        rows.extend((f"MoE layers ({stack})", _index_list(indices)) for stack, indices in layers.items())
+    elif layers is not None:
+        rows.append(("MoE layers", _index_list(layers)))
+    versions = _versions(report)
+    if versions:
+        rows.append(("Made with", ", ".join(f"{name} {version}" for name, version in versions.items())))
+    return rows
+
+
+def _versions(report: Mapping) -> dict[str, str]:
+    # ConversionReport nests them under "versions"; a flat "<name>_version" key is read too
+    versions = dict(report.get("versions") or {})
+    for name in ("hf_moe", "transformers", "torch"):
+        if f"{name}_version" in report:
+            versions.setdefault(name, report[f"{name}_version"])
+    return versions
+
+
+def _layers(indices: list[int], num_layers: int) -> str:
+    if len(indices) == num_layers:
+        return f"all {num_layers}"
+    return f"{_index_list(indices)} (of {num_layers})"
+
+
+def _index_list(indices) -> str:
+    return ", ".join(str(i) for i in indices) or "none"
+
+
+def _result_rows(results: Mapping | None) -> list[tuple[str, str]]:
+    return [(_cell(name), _cell(_value(value))) for name, value in (results or {}).items()]
+
+
+def _value(value) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    # a "|" would end the Markdown table cell
+    return str(text).replace("|", "\\|")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n:,} ({n / size:.1f}{unit})"
+    return f"{n:,}"

@@ -1,0 +1,41 @@
+"""`MoePreTrainedMixin`: what every hf_moe family's `PreTrainedModel` adds to its transformers parent.
+
+Hub portability: this file travels with every saved checkpoint; only torch / transformers and single-dot siblings.
+"""
+
+from __future__ import annotations
+
+from .sparse_moe import require_non_reentrant_checkpointing
+
+__all__ = ["MoePreTrainedMixin"]
+
+
+class MoePreTrainedMixin:
+    """Put first in the bases of a family's `PreTrainedModel`; set `_auto_map_heads` to the family's heads."""
+
+    # Auto class name -> class name in the family's modeling file, written to `auto_map` on save so the folder
+    # loads with any of these Auto classes under trust_remote_code
+    _auto_map_heads: dict[str, str] = {}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update({auto: f"{module}.{name}" for auto, name in self._auto_map_heads.items()})
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers caches this answer (is `@use_experts_implementation` in the class's file?) as a class attribute
+        # that subclasses inherit: once a dense parent class was asked (False: no experts there; every dense model's
+        # init asks), each class of the family would read False and silently run eager. So each class answers itself.
+        if "_can_set_experts_implementation_cached_value" not in cls.__dict__:
+            cls._can_set_experts_implementation_cached_value = None
+        return super()._can_set_experts_implementation()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        if enable:
+            require_non_reentrant_checkpointing(gradient_checkpointing_func)
+        if gradient_checkpointing_func is None:
+            return super()._set_gradient_checkpointing(enable=enable, **kwargs)
+        return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
