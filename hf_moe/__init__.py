@@ -3,6 +3,7 @@
 `import hf_moe` registers the MoE families with transformers' Auto classes.
 """
 
+from .conversion import from_switch_transformers
 from .modeling import (
     GPT2MoeConfig,
     GPT2MoeForCausalLM,
@@ -13,6 +14,11 @@ from .modeling import (
     Router,
     RouterOutput,
     SparseMoeBlock,
+    T5MoeConfig,
+    T5MoeEncoderModel,
+    T5MoeForConditionalGeneration,
+    T5MoeModel,
+    T5MoePreTrainedModel,
 )
 from .registration import register_auto_classes
 
@@ -30,5 +36,11 @@ __all__ = [
     "Router",
     "RouterOutput",
     "SparseMoeBlock",
+    "T5MoeConfig",
+    "T5MoeEncoderModel",
+    "T5MoeForConditionalGeneration",
+    "T5MoeModel",
+    "T5MoePreTrainedModel",
     "__version__",
+    "from_switch_transformers",
 ]

@@ -11,7 +11,9 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForTextEncoding,
 )
 
 from .modeling import (
@@ -19,6 +21,10 @@ from .modeling import (
     GPT2MoeForCausalLM,
     GPT2MoeForSequenceClassification,
     GPT2MoeModel,
+    T5MoeConfig,
+    T5MoeEncoderModel,
+    T5MoeForConditionalGeneration,
+    T5MoeModel,
 )
 
 __all__ = ["register_auto_classes"]
@@ -30,6 +36,15 @@ _FAMILIES = [
             AutoModel: GPT2MoeModel,
             AutoModelForCausalLM: GPT2MoeForCausalLM,
             AutoModelForSequenceClassification: GPT2MoeForSequenceClassification,
+        },
+    ),
+    (
+        T5MoeConfig,
+        {
+            AutoModel: T5MoeModel,
+            AutoModelForSeq2SeqLM: T5MoeForConditionalGeneration,
+            # transformers maps T5EncoderModel to this Auto class
+            AutoModelForTextEncoding: T5MoeEncoderModel,
         },
     ),
 ]

@@ -18,13 +18,13 @@ import transformers
 from transformers import AutoConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from . import gpt2
+from . import gpt2, t5
 from .init_methods import INIT_METHODS, init_experts
 from .report import ConversionReport
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "moefy"]
 
-FAMILIES: dict[str, ModuleType] = {model_type: gpt2 for model_type in gpt2.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {model_type: family for family in (gpt2, t5) for model_type in family.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

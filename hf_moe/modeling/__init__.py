@@ -6,6 +6,7 @@ so a saved folder loads with `trust_remote_code=True` where hf_moe is not instal
 
 from .configuration_gpt2_moe import GPT2MoeConfig
 from .configuration_moe import MoeConfigFields
+from .configuration_t5_moe import T5MoeConfig
 from .experts import ExpertActivation, MoeExperts
 from .losses import (
     cv_squared,
@@ -20,6 +21,14 @@ from .modeling_gpt2_moe import (
     GPT2MoeForSequenceClassification,
     GPT2MoeModel,
     GPT2MoePreTrainedModel,
+)
+from .modeling_t5_moe import (
+    T5MoeEncoderModel,
+    T5MoeExperts,
+    T5MoeForConditionalGeneration,
+    T5MoeGatedExperts,
+    T5MoeModel,
+    T5MoePreTrainedModel,
 )
 from .routing import ROUTERS, NoisyTopKRouter, Router, RouterOutput, TopKRouter, build_router
 from .sparse_moe import SparseMoeBlock
@@ -39,6 +48,13 @@ __all__ = [
     "Router",
     "RouterOutput",
     "SparseMoeBlock",
+    "T5MoeConfig",
+    "T5MoeEncoderModel",
+    "T5MoeExperts",
+    "T5MoeForConditionalGeneration",
+    "T5MoeGatedExperts",
+    "T5MoeModel",
+    "T5MoePreTrainedModel",
     "TopKRouter",
     "build_router",
     "cv_squared",

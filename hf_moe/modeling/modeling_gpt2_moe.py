@@ -38,8 +38,8 @@ from transformers.utils.output_capturing import OutputRecorder
 from .configuration_gpt2_moe import GPT2MoeConfig
 from .experts import MoeExperts
 from .losses import accumulation_share, mean_over_layers
-from .routing import NoisyTopKRouter, Router, RouterOutput
 from .moe_pretrained import MoePreTrainedMixin
+from .routing import NoisyTopKRouter, Router, RouterOutput
 from .sparse_moe import SparseMoeBlock
 
 __all__ = [

@@ -1,0 +1,91 @@
+"""T5 MoE configuration: a `T5Config` plus the shared MoE fields and the choice of MoE blocks in each stack.
+
+Both T5 feed-forward kinds are supported through T5's own `feed_forward_proj`: "relu" (T5 v1.0: wi -> relu -> wo)
+and "gated-gelu" (T5 v1.1 / Flan-T5: gelu(wi_0) * wi_1 -> wo).
+
+Hub portability: this file travels with every saved checkpoint; only torch / transformers / huggingface_hub and
+single-dot siblings.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import T5Config
+
+from .configuration_moe import MoeConfigFields, validate_layer_list
+
+__all__ = ["T5MoeConfig"]
+
+
+@strict
+class T5MoeConfig(MoeConfigFields, T5Config):
+    r"""T5 (encoder-decoder) with sparse Mixture-of-Experts feed-forward sublayers.
+
+    Every `T5Config` field keeps its meaning; the MoE fields are documented in `MoeConfigFields`. Inside the experts,
+    `expert_dropout` takes the place of the dense FFN's inner `dropout_rate`.
+
+    Example:
+
+    ```python
+    >>> from hf_moe import T5MoeConfig, T5MoeForConditionalGeneration
+    >>> config = T5MoeConfig(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, num_experts=4,
+    ...                      decoder_moe_layers=[1])
+    >>> model = T5MoeForConditionalGeneration(config)
+    ```"""
+
+    model_type = "t5_moe"
+    attribute_map = {**T5Config.attribute_map, "num_experts": "num_local_experts"}
+
+    # indices of the encoder blocks whose feed-forward is MoE; None: every encoder block, []: none
+    encoder_moe_layers: list[int] | None = None
+    # indices of the decoder blocks whose feed-forward is MoE; None: every decoder block, []: none
+    decoder_moe_layers: list[int] | None = None
+
+    def validate_moe_layers(self):
+        validate_layer_list("encoder_moe_layers", self.encoder_moe_layers, self.num_layers)
+        validate_layer_list("decoder_moe_layers", self.decoder_moe_layers, self.num_decoder_layers)
+
+    @property
+    def encoder_moe_layer_indices(self) -> list[int]:
+        """Sorted indices of the encoder's MoE blocks."""
+        if self.encoder_moe_layers is None:
+            return list(range(self.num_layers))
+        return sorted(self.encoder_moe_layers)
+
+    @property
+    def decoder_moe_layer_indices(self) -> list[int]:
+        """Sorted indices of the decoder's MoE blocks."""
+        if self.decoder_moe_layers is None:
+            return list(range(self.num_decoder_layers))
+        return sorted(self.decoder_moe_layers)
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size if self.moe_intermediate_size is not None else self.d_ff
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts of the encoder-decoder model without building it: `total`, `active` (used per token),
+        `experts`. T5 ties the LM head and both stacks' token embeddings to `shared`, so the embedding counts once."""
+        hidden, inner = self.d_model, self.num_heads * self.d_kv
+        ffn_matrices = 3 if self.is_gated_act else 2  # wi_0, wi_1, wo or wi, wo; T5 has no biases
+        attention = 4 * hidden * inner  # q, k, v, o
+        relative_bias = self.relative_attention_num_buckets * self.num_heads  # first block of each stack only
+        dense_ffn = ffn_matrices * hidden * self.d_ff
+        one_expert = ffn_matrices * hidden * self.expert_intermediate_size
+        router = self.num_local_experts * hidden * (2 if self.router_type == "noisy_topk" else 1)
+        num_moe = len(self.encoder_moe_layer_indices) + len(self.decoder_moe_layer_indices)
+        num_dense = self.num_layers + self.num_decoder_layers - num_moe
+        # encoder block: self-attention + FFN, two layer norms; decoder block adds cross-attention and its norm
+        encoder_block = attention + 2 * hidden
+        decoder_block = 2 * attention + 3 * hidden
+        shared = (
+            self.vocab_size * hidden
+            + self.num_layers * encoder_block
+            + self.num_decoder_layers * decoder_block
+            + 2 * (relative_bias + hidden)  # each stack: relative position bias and final layer norm
+            + num_dense * dense_ffn
+            + num_moe * router
+        )
+        experts = num_moe * self.num_local_experts * one_expert
+        active_experts = num_moe * self.num_experts_per_tok * one_expert
+        return {"total": shared + experts, "active": shared + active_experts, "experts": experts}

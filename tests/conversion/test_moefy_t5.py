@@ -1,0 +1,90 @@
+"""moefy on T5 (v1.0 relu, v1.1 gated-gelu) and mT5: function preservation, stacks, heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    MT5Config,
+    MT5ForConditionalGeneration,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+    T5Model,
+)
+
+from hf_moe import T5MoeEncoderModel, T5MoeForConditionalGeneration, T5MoeModel
+from hf_moe.conversion import moefy
+
+TINY = dict(
+    vocab_size=99,
+    d_model=32,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=3,
+    num_heads=4,
+    d_kv=8,
+    decoder_start_token_id=0,
+)
+KINDS = {
+    "v1.0": dict(feed_forward_proj="relu"),
+    "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+INPUTS = dict(
+    input_ids=torch.randint(2, 99, (2, 7), generator=torch.Generator().manual_seed(1)),
+    decoder_input_ids=torch.randint(2, 99, (2, 5), generator=torch.Generator().manual_seed(2)),
+)
+
+
+def dense_t5(kind="v1.0", cls=T5ForConditionalGeneration):
+    torch.manual_seed(0)
+    return cls(T5Config(**TINY, **KINDS[kind])).eval()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize(
+    ("init", "options"),
+    [("copy", dict(top_k=2, normalize_top_k_weights=True)), ("split", dict(top_k=4, unit_combine_weights=True))],
+)
+def test_function_preservation_for_both_ffn_kinds(kind, init, options):
+    dense = dense_t5(kind)
+    moe = moefy(dense, num_experts=4, init=init, **options).eval()
+    assert isinstance(moe, T5MoeForConditionalGeneration)
+    assert moe.config.is_gated_act == (kind == "v1.1")
+    torch.testing.assert_close(moe(**INPUTS).logits, dense(**INPUTS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mt5_is_preserved_too():
+    torch.manual_seed(0)
+    dense = MT5ForConditionalGeneration(MT5Config(**TINY)).eval()
+    moe = moefy(dense, num_experts=2, top_k=2, normalize_top_k_weights=True).eval()
+    torch.testing.assert_close(moe(**INPUTS).logits, dense(**INPUTS).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("source", "target"), [(T5Model, T5MoeModel), (T5EncoderModel, T5MoeEncoderModel)])
+def test_other_t5_heads(source, target):
+    dense = dense_t5(cls=source)
+    moe = moefy(dense, num_experts=2, top_k=1, normalize_top_k_weights=True).eval()
+    assert type(moe) is target
+    inputs = INPUTS if source is T5Model else {"input_ids": INPUTS["input_ids"]}
+    torch.testing.assert_close(
+        moe(**inputs).last_hidden_state, dense(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_encoder_and_decoder_layers_are_chosen_separately():
+    moe = moefy(dense_t5(), num_experts=2, top_k=1, encoder_moe_layers="none", decoder_moe_layers="top:1")
+    assert moe.moefy_report.moe_layers == {"encoder": [], "decoder": [2]}
+    assert [block.is_moe for block in moe.encoder.block] == [False, False]
+    assert [block.is_moe for block in moe.decoder.block] == [False, False, True]
+    shared = moefy(dense_t5(), num_experts=2, top_k=1, moe_layers="bottom:1")
+    assert shared.moefy_report.moe_layers == {"encoder": [0], "decoder": [0]}
+
+
+def test_routers_of_both_stacks_learn_after_upcycling():
+    moe = moefy(dense_t5("v1.1"), num_experts=4, top_k=2).train()
+    labels = torch.randint(2, 99, (2, 5))
+    moe(input_ids=INPUTS["input_ids"], labels=labels).loss.backward()
+    routers = [m for name, m in moe.named_modules() if name.endswith("router")]
+    assert len(routers) == 5
+    assert all(router.weight.grad.abs().sum() > 0 for router in routers)

@@ -1,0 +1,39 @@
+"""Smoke test of `benchmarks/moe_layer.py`: the quick mode runs end to end. Speed is never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_layer.py"
+
+
+def _load_benchmark():
+    # benchmarks/ is a folder of scripts, not a package: load the file as a module
+    spec = importlib.util.spec_from_file_location("moe_layer_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve string annotations through sys.modules, so the module must be registered first
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_moe_layer_benchmark_quick_mode_runs(tmp_path, capsys):
+    benchmark = _load_benchmark()
+    json_path = tmp_path / "moe_layer.json"
+    # "system" malloc: leave the test process's allocator settings alone
+    rows = benchmark.main(
+        ["--quick", "--repeats", "1", "--warmup", "1", "--malloc", "system", "--json", str(json_path)]
+    )
+
+    assert [row["case"]["name"] for row in rows] == [case.name for case in benchmark.quick_cases()]
+    for row in rows:
+        assert {"dense", "switch", row["ours_label"]} <= set(row["ms"])
+        assert all(ms > 0 for ms in row["ms"].values())
+        assert row["ours_over_dense"] > 0 and row["switch_over_ours"] > 0
+        assert all(mib is not None and mib > 0 for mib in row["peak_mib"].values())
+        # the kernels agree on the warmup outputs (and Switch, at top-1 dropless, computes the same function)
+        assert all(diff < 1e-4 for diff in row["max_abs_diff_vs_ours"].values())
+    assert "| small E8 k1 |" in capsys.readouterr().out
+    assert json_path.exists()
