@@ -3,7 +3,7 @@
 `import hf_moe` registers the MoE families with transformers' Auto classes.
 """
 
-from .conversion import from_switch_transformers
+from .conversion import ConversionReport, from_switch_transformers, moefy, save_converted
 from .modeling import (
     GPT2MoeConfig,
     GPT2MoeForCausalLM,
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 register_auto_classes()
 
 __all__ = [
+    "ConversionReport",
     "GPT2MoeConfig",
     "GPT2MoeForCausalLM",
     "GPT2MoeForSequenceClassification",
@@ -43,4 +44,6 @@ __all__ = [
     "T5MoePreTrainedModel",
     "__version__",
     "from_switch_transformers",
+    "moefy",
+    "save_converted",
 ]
