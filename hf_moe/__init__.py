@@ -21,6 +21,7 @@ from .modeling import (
     T5MoePreTrainedModel,
 )
 from .registration import register_auto_classes
+from .training import DenseToSparseCallback, LoadBalanceCallback, MoeTrainer
 
 __version__ = "0.1.0"
 
@@ -28,12 +29,15 @@ register_auto_classes()
 
 __all__ = [
     "ConversionReport",
+    "DenseToSparseCallback",
     "GPT2MoeConfig",
     "GPT2MoeForCausalLM",
     "GPT2MoeForSequenceClassification",
     "GPT2MoeModel",
     "GPT2MoePreTrainedModel",
+    "LoadBalanceCallback",
     "MoeConfigFields",
+    "MoeTrainer",
     "Router",
     "RouterOutput",
     "SparseMoeBlock",

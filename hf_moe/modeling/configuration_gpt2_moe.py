@@ -31,6 +31,21 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
     model_type = "gpt2_moe"
     attribute_map = {**GPT2Config.attribute_map, "num_experts": "num_local_experts"}
 
+    # Parallel layouts are data (transformers' `DistributedConfig`, see `hf_moe.parallel`). Expert parallelism: each
+    # rank holds E / ep_size whole experts (dim 0 of every expert weight and bias) and the experts module reaches
+    # them through transformers' token all-to-all. Keys are relative to `GPT2MoeModel`; dense blocks match nothing.
+    base_model_ep_plan = {
+        "h.*.mlp.experts.up_proj": "grouped_gemm",
+        "h.*.mlp.experts.up_proj_bias": "grouped_gemm",
+        "h.*.mlp.experts.down_proj": "grouped_gemm",
+        "h.*.mlp.experts.down_proj_bias": "grouped_gemm",
+        "h.*.mlp.experts": "ep_dispatch_experts",
+    }
+    # FSDP2 units (`fsdp_size`): every block (GPT-2's names, not transformers' default `layers.*`). The token
+    # embedding stays in the root unit with the LM head it is tied to: FSDP2 keeps a shared parameter tied only inside
+    # one unit.
+    base_model_fsdp_plan = {"h.*": "free_full_weight"}
+
     # indices of the blocks whose feed-forward is MoE; None: every block
     moe_layers: list[int] | None = None
 

@@ -37,6 +37,8 @@ class MoeConfigFields:
     router_jitter_noise: float = 0.0
     # std of additive Gaussian noise on router logits during training (Colossal-AI NormalNoiseGenerator); 0 disables
     router_logit_noise_std: float = 0.0
+    # softmax temperature of the router (logits / temperature); annealed by dense-to-sparse training, 1.0 is plain softmax
+    router_temperature: float = 1.0
     # per-expert capacity = ceil(factor * tokens * k / experts) during training; None: dropless (no token dropped)
     capacity_factor: float | None = None
     # the same at evaluation / inference; None: dropless
@@ -74,7 +76,7 @@ class MoeConfigFields:
         _require_numbers(
             self, "router_jitter_noise", "router_logit_noise_std", "router_aux_loss_coef", "router_z_loss_coef"
         )
-        _require_numbers(self, "router_init_std", "expert_dropout")
+        _require_numbers(self, "router_init_std", "expert_dropout", "router_temperature")
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.aux_loss_type not in AUX_LOSS_TYPES:
@@ -91,6 +93,8 @@ class MoeConfigFields:
         for name in ("router_logit_noise_std", "router_aux_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.router_temperature > 0 and math.isfinite(self.router_temperature)):
+            raise ValueError(f"router_temperature must be a finite number > 0, got {self.router_temperature}")
         if self.router_init_std <= 0:
             raise ValueError(f"router_init_std must be > 0, got {self.router_init_std}")
         if not 0.0 <= self.expert_dropout < 1.0:

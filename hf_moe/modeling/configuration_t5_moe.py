@@ -36,6 +36,19 @@ class T5MoeConfig(MoeConfigFields, T5Config):
     model_type = "t5_moe"
     attribute_map = {**T5Config.attribute_map, "num_experts": "num_local_experts"}
 
+    # Parallel layouts are data (transformers' `DistributedConfig`, see `hf_moe.parallel`). Keys are relative to a
+    # T5 *stack* (`T5MoeStack` is a sub-model; its parent prefixes them with `encoder.` / `decoder.`): an MoE FFN is
+    # sublayer 1 of an encoder block and sublayer 2 of a decoder block, hence `layer.*`. Expert parallelism shards
+    # dim 0 (experts) of every expert weight; T5 experts have no biases.
+    base_model_ep_plan = {
+        "block.*.layer.*.DenseReluDense.experts.up_proj": "grouped_gemm",
+        "block.*.layer.*.DenseReluDense.experts.gate_up_proj": "grouped_gemm",
+        "block.*.layer.*.DenseReluDense.experts.down_proj": "grouped_gemm",
+        "block.*.layer.*.DenseReluDense.experts": "ep_dispatch_experts",
+    }
+    # FSDP2 units (`fsdp_size`): every block; the shared embedding, final norms and head stay with the root unit
+    base_model_fsdp_plan = {"block.*": "free_full_weight"}
+
     # indices of the encoder blocks whose feed-forward is MoE; None: every encoder block, []: none
     encoder_moe_layers: list[int] | None = None
     # indices of the decoder blocks whose feed-forward is MoE; None: every decoder block, []: none

@@ -20,7 +20,38 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-__all__ = ["ExpertActivation", "MoeExperts"]
+__all__ = ["ExpertActivation", "MoeExperts", "check_expert_parallel_layout"]
+
+
+def check_expert_parallel_layout(config) -> None:
+    """Raise `ValueError` if `config.distributed_config` (set by `from_pretrained(distributed_config=...)` before the
+    model is built) cannot lay this config's experts out; called when the experts are built, before any weight loads.
+
+    Expert parallelism gives each of the `ep_size` ranks of an expert group `num_local_experts / ep_size` whole
+    experts, so the division must be exact (transformers would only find out while sharding, one layer in).
+    """
+    ep_size = getattr(getattr(config, "distributed_config", None), "ep_size", None) or 1
+    if ep_size <= 1:
+        return
+    num_experts = config.num_local_experts
+    if num_experts % ep_size:
+        allowed = [size for size in range(1, num_experts + 1) if num_experts % size == 0]
+        raise ValueError(
+            f"DistributedConfig(ep_size={ep_size}) cannot shard num_local_experts={num_experts}: every expert-parallel "
+            f"rank holds num_local_experts / ep_size whole experts. Use an ep_size that divides {num_experts} "
+            f"({allowed}), or change num_local_experts."
+        )
+
+
+def _dropout_on_rank_stream(hidden: torch.Tensor, p: float, rank: int) -> torch.Tensor:
+    # Under expert parallelism each rank runs only its own experts, and ranks are seeded alike (Trainer's `set_seed`),
+    # so `nn.Dropout` would give experts on different ranks the same masks. Each rank draws from its own stream
+    # instead (Colossal-AI's `moe_set_seed` idea): a seed taken from the global CPU generator (reproducible from the
+    # seed, saved and restored by Trainer's per-rank RNG checkpoints, no device sync) mixed with the rank.
+    base_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    generator = torch.Generator(device=hidden.device).manual_seed(base_seed * 65_537 + rank)
+    keep = torch.empty_like(hidden).bernoulli_(1.0 - p, generator=generator)
+    return hidden * keep / (1.0 - p)
 
 
 class ExpertActivation(nn.Module):
@@ -35,9 +66,14 @@ class ExpertActivation(nn.Module):
         super().__init__()
         self.act = ACT2FN[activation]
         self.dropout = nn.Dropout(dropout)
+        # this process's rank when the experts are expert-parallel (set by `SparseMoeBlock`), else None
+        self.expert_parallel_rank: int | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.act(hidden_states))
+        hidden_states = self.act(hidden_states)
+        if self.expert_parallel_rank is not None and self.training and self.dropout.p > 0:
+            return _dropout_on_rank_stream(hidden_states, self.dropout.p, self.expert_parallel_rank)
+        return self.dropout(hidden_states)
 
 
 class MoeExperts(nn.Module):
@@ -55,6 +91,7 @@ class MoeExperts(nn.Module):
         transposed: bool,
     ):
         super().__init__()
+        check_expert_parallel_layout(config)
         self.num_experts = config.num_local_experts
         self.hidden_dim = hidden_size
         self.intermediate_dim = intermediate_size

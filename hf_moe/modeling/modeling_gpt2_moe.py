@@ -173,6 +173,16 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
         "AutoModelForSequenceClassification": "GPT2MoeForSequenceClassification",
     }
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # FSDP2 (`DistributedConfig(fsdp_size>1)`) keeps a parameter shared by several modules tied only if it is
+        # shared when `fully_shard` runs; transformers ties the embeddings after sharding, so FSDP2 would keep one
+        # copy per module and the optimizer would update only one of them (the others go stale after one step).
+        # Tie them first (on the meta device this only sets attributes).
+        if mesh_manager is not None:
+            model.tie_weights()
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -182,6 +192,11 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
             init.zeros_(module.up_proj_bias)
             init.zeros_(module.down_proj_bias)
+        elif isinstance(module, SparseMoeBlock):
+            # the counters are non-persistent buffers: `from_pretrained` allocates them uninitialized (torch.empty)
+            # and leaves their values to this method
+            for name in module.COUNTERS:
+                init.zeros_(getattr(module, name))
         elif isinstance(module, Router):
             init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
             if isinstance(module, NoisyTopKRouter):

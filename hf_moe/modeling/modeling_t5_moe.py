@@ -28,6 +28,7 @@ Hub portability: this file travels with every saved checkpoint; only torch / tra
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
@@ -265,6 +266,16 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
         "AutoModelForTextEncoding": "T5MoeEncoderModel",
     }
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # FSDP2 (`DistributedConfig(fsdp_size>1)`) keeps a parameter shared by several modules tied only if it is
+        # shared when `fully_shard` runs; transformers ties the embeddings after sharding, so FSDP2 would keep one
+        # copy per module and the optimizer would update only one of them (the others go stale after one step).
+        # Tie them first (on the meta device this only sets attributes).
+        if mesh_manager is not None:
+            model.tie_weights()
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         factor = self.config.initializer_factor
@@ -273,10 +284,29 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
             up_proj = module.gate_up_proj if module.has_gate else module.up_proj
             init.normal_(up_proj, mean=0.0, std=factor * self.config.d_model**-0.5)
             init.normal_(module.down_proj, mean=0.0, std=factor * module.intermediate_dim**-0.5)
+        elif isinstance(module, SparseMoeBlock):
+            # the counters are non-persistent buffers: `from_pretrained` allocates them uninitialized (torch.empty)
+            # and leaves their values to this method
+            for name in module.COUNTERS:
+                init.zeros_(getattr(module, name))
         elif isinstance(module, Router):
             init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
             if isinstance(module, NoisyTopKRouter):
                 init.zeros_(module.noise_weight)  # Shazeer et al.: start from no learned noise preference
+
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        # the diff with T5: the config's EP / FSDP rules name modules inside a stack (`block.*...`). A stack keeps the
+        # rules that match its own modules (gated or not), and its parent takes them with the `encoder.` / `decoder.`
+        # prefix; the parent drops the unprefixed copies, which match nothing at its level.
+        config_rules = set(self.config.base_model_ep_plan or {}) | set(self.config.base_model_fsdp_plan or {})
+        if isinstance(self, T5Stack):
+            names = {_layer_wildcards(name) for name, _ in [*self.named_modules(), *self.named_parameters()]}
+            unused = config_rules - names
+        else:
+            unused = config_rules
+        self._ep_plan = {key: style for key, style in self._ep_plan.items() if key not in unused}
+        self._fsdp_plan = {key: style for key, style in self._fsdp_plan.items() if key not in unused}
 
     def set_experts_implementation(self, experts_implementation: str | dict):
         super().set_experts_implementation(experts_implementation)
@@ -285,6 +315,11 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
         for module in self.modules():
             if isinstance(module, PreTrainedModel) and module.config is not self.config:
                 module.config._experts_implementation_internal = self.config._experts_implementation
+
+
+def _layer_wildcards(name: str) -> str:
+    # how transformers writes a module name in a parallel plan: `block.3.layer.1` -> `block.*.layer.*`
+    return re.sub(r"\.\d+(\.|$)", r".*\1", name)
 
 
 class T5MoeStack(T5MoePreTrainedModel, T5Stack):

@@ -5,6 +5,12 @@ Hub portability: this file travels with every saved checkpoint; only torch / tra
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
+from transformers.dynamic_module_utils import get_relative_import_files
+
 from .sparse_moe import require_non_reentrant_checkpointing
 
 __all__ = ["MoePreTrainedMixin"]
@@ -18,11 +24,32 @@ class MoePreTrainedMixin:
     _auto_map_heads: dict[str, str] = {}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        module = type(self).__module__.rsplit(".", 1)[-1]
+        family_class = self._family_class()
+        module = family_class.__module__.rsplit(".", 1)[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update({auto: f"{module}.{name}" for auto, name in self._auto_map_heads.items()})
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        if family_class is type(self):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        # FSDP2 (expert parallelism) swaps the instance's class for an `FSDP<Name>` subclass defined in torch, so
+        # transformers would write `_fsdp_init.FSDP<Name>` into auto_map and copy torch's files instead of ours: save
+        # with the wrapper marked as not remote code, then copy the family's modeling files ourselves.
+        wrapper_class = type(self)
+        wrapper_class._auto_class = None  # the wrapper class belongs to this instance alone
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del wrapper_class._auto_class
+        if family_class.is_remote_code() and self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            source_file = sys.modules[family_class.__module__].__file__
+            for needed_file in [source_file, *get_relative_import_files(source_file)]:
+                shutil.copyfile(needed_file, Path(save_directory) / Path(needed_file).name)
+        return result
+
+    @classmethod
+    def _family_class(cls) -> type:
+        """The hf_moe class this model is an instance of, seen through wrappers that subclass it (FSDP2's)."""
+        return next(klass for klass in cls.__mro__ if not klass.__module__.startswith("torch."))
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:

@@ -38,7 +38,7 @@ class RouterOutput(NamedTuple):
     `kept_TK` is None in dropless mode; otherwise False marks a (token, expert) slot dropped by capacity.
     """
 
-    logits_TE: torch.Tensor  # float32 logits the routing used (noise included in training)
+    logits_TE: torch.Tensor  # float32 logits the routing softmax used (training noise and temperature included)
     top_k_index_TK: torch.Tensor  # int64 expert ids
     top_k_weights_TK: torch.Tensor  # float32 combine weights (0 at dropped slots)
     kept_TK: torch.Tensor | None  # bool
@@ -102,6 +102,9 @@ class Router(nn.Module):
 
     k=1 with raw probabilities is Switch routing; k>=2 with renormalized weights is GShard / Mixtral routing.
     Subclasses change how the logits are perturbed (`perturb_logits`) and how the load is estimated.
+
+    `temperature` and `top_k` are read in every forward, so a schedule may change them between steps: the routing
+    softmax is softmax(logits / temperature), and `top_k` experts are chosen per token (the experts accept any K).
     """
 
     def __init__(self, config, hidden_size: int):
@@ -117,6 +120,9 @@ class Router(nn.Module):
         self.eval_capacity_factor = config.eval_capacity_factor
         self.min_capacity = config.min_capacity
         self.drop_policy = config.drop_policy
+        # A plain attribute, not a buffer: the dense-to-sparse schedule sets it on every rank alike, so it needs no
+        # broadcast, no device moves and no checkpoint entry (the final value is saved as `config.router_temperature`).
+        self.temperature = float(config.router_temperature)
         self.weight = nn.Parameter(torch.empty(self.num_experts, hidden_size))
 
     def perturb_logits(self, hidden_TD: torch.Tensor, logits_TE: torch.Tensor):
@@ -135,7 +141,11 @@ class Router(nn.Module):
                 hidden_TD = hidden_TD * jitter_TD
             clean_logits_TE = F.linear(hidden_TD, self.weight.float())
             logits_TE, noise_std_TE = self.perturb_logits(hidden_TD, clean_logits_TE)
-            probs_TE = torch.softmax(logits_TE, dim=-1)
+            # Temperature (dense-to-sparse gate, Nie et al. 2021) reshapes the softmax but not which experts win, so
+            # the noisy load estimator keeps the untempered logits; the softmax, z-loss and reported logits use the
+            # tempered ones. Skipped at 1.0 so the default path is unchanged.
+            routing_logits_TE = logits_TE if self.temperature == 1.0 else logits_TE / self.temperature
+            probs_TE = torch.softmax(routing_logits_TE, dim=-1)
             top_k_probs_TK, top_k_index_TK = torch.topk(probs_TE, self.top_k, dim=-1)
             top_k_weights_TK = top_k_probs_TK
             if self.unit_combine_weights:
@@ -157,8 +167,8 @@ class Router(nn.Module):
             balance_loss = self.balance_loss(
                 clean_logits_TE, logits_TE, noise_std_TE, probs_TE, top_k_index_TK, top_k_weights_TK, token_mask_T
             )
-            z_loss = router_z_loss(logits_TE, token_mask_T)
-        return RouterOutput(logits_TE, top_k_index_TK, top_k_weights_TK, kept_TK, balance_loss, z_loss)
+            z_loss = router_z_loss(routing_logits_TE, token_mask_T)
+        return RouterOutput(routing_logits_TE, top_k_index_TK, top_k_weights_TK, kept_TK, balance_loss, z_loss)
 
     def balance_loss(
         self, clean_logits_TE, logits_TE, noise_std_TE, probs_TE, top_k_index_TK, top_k_weights_TK, token_mask_T

@@ -49,7 +49,10 @@ class SparseMoeBlock(nn.Module):
 
     Counters, owned by this block: added to in every forward (training and evaluation, padding tokens excluded),
     read and reset by `hf_moe`'s training callbacks after logging. They are non-persistent buffers (never in a
-    checkpoint); every one is a sum (`COUNTER_REDUCTION`), so ranks combine them by summing.
+    checkpoint); every one is a sum (`COUNTER_REDUCTION`), so ranks combine them by summing. Under expert parallelism
+    the router is replicated and each rank routes (and counts) only its own batch against global expert ids, so the
+    counters stay full-size (E,) and the sum over the ranks that hold distinct batches is the global count
+    (`hf_moe.parallel.counter_reduce_group`).
     """
 
     COUNTER_REDUCTION = "sum"
@@ -74,6 +77,9 @@ class SparseMoeBlock(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self._is_expert_parallel and self.experts.act_fn.expert_parallel_rank is None:
+            # expert dropout draws from this rank's own stream (see `ExpertActivation`)
+            self.experts.act_fn.expert_parallel_rank = torch.distributed.get_rank()
         hidden_dim = hidden_states.shape[-1]
         hidden_TD = hidden_states.reshape(-1, hidden_dim)
         token_mask_T = None if token_mask is None else token_mask.reshape(-1)
@@ -98,7 +104,8 @@ class SparseMoeBlock(nn.Module):
         num_tokens, top_k = top_k_index_TK.shape
         kept_slots_N = kept_TK.reshape(-1).nonzero().squeeze(-1)  # the layer's one host sync
         out_ND = hidden_TD.new_zeros(num_tokens * top_k, hidden_TD.shape[-1])
-        if kept_slots_N.numel() > 0:
+        # under expert parallelism the experts' all-to-all is a collective: every rank joins it, kept slots or not
+        if kept_slots_N.numel() > 0 or self._is_expert_parallel:
             out_kept = self.experts(
                 hidden_TD[kept_slots_N // top_k],
                 top_k_index_TK.reshape(-1, 1)[kept_slots_N],
@@ -128,6 +135,11 @@ class SparseMoeBlock(nn.Module):
         self.balance_loss_sum += routing.balance_loss.detach()
         self.z_loss_sum += routing.z_loss.detach()
         self.num_forwards += 1
+
+    @property
+    def _is_expert_parallel(self) -> bool:
+        # set by transformers' expert-parallel sharding (`DistributedConfig(ep_size>1)`) on the experts module
+        return getattr(self.experts, "_is_expert_parallel", False)
 
     def reset_counters(self) -> None:
         for name in self.COUNTERS:

@@ -1,0 +1,49 @@
+"""Training with `Trainer`: load-balance callback and pictures, dense-to-sparse schedule, optimizer presets, metrics.
+
+Depends on `hf_moe.modeling` only (through the MoE blocks' counters and the router attributes).
+"""
+
+from .callbacks import LoadBalanceCallback
+from .load_balance import CounterAccumulator, collect_moe_metrics, layer_metrics, metrics_from_counts, moe_blocks
+from .optimizers import (
+    MOE_OPTIMIZER_PRESETS,
+    MoeTrainer,
+    apply_moe_preset,
+    classify_moe_parameters,
+    create_moe_optimizer,
+    moe_param_groups,
+)
+from .perplexity import perplexity
+from .plots import history_from_log_history, save_load_balance_plots
+from .schedules import DenseToSparseCallback, anneal
+
+
+def __getattr__(name: str):
+    # RouterBalance needs `evaluate` and `datasets` (over a second to import): loaded on first use only
+    if name == "RouterBalance":
+        from .metrics import RouterBalance
+
+        return RouterBalance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "MOE_OPTIMIZER_PRESETS",
+    "CounterAccumulator",
+    "DenseToSparseCallback",
+    "LoadBalanceCallback",
+    "MoeTrainer",
+    "RouterBalance",
+    "anneal",
+    "apply_moe_preset",
+    "classify_moe_parameters",
+    "collect_moe_metrics",
+    "create_moe_optimizer",
+    "history_from_log_history",
+    "layer_metrics",
+    "metrics_from_counts",
+    "moe_blocks",
+    "moe_param_groups",
+    "perplexity",
+    "save_load_balance_plots",
+]

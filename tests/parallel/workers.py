@@ -1,0 +1,154 @@
+"""What each rank runs in the multi-process tests (module-level functions, so that spawn can pickle them).
+
+Reference semantics: under `DistributedConfig(fsdp_size=2, ep_size=2)` rank r holds micro-batch r (data parallel),
+so the single-process reference runs the same micro-batches one after the other and averages their gradients;
+that is exactly what one optimizer step over the two micro-batches means.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from transformers.distributed import DistributedConfig
+
+import hf_moe
+from hf_moe.parallel import reduce_counters_, reset_experts_
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# after optimizer steps: T5's layer-norm gradients are ~20-50 in this tiny model, so the 1e-7 summation-order noise of
+# FSDP's gradient reduction reaches ~3e-5 in three steps (FSDP alone, ep_size=1, gives the same numbers as EP)
+TRAINED_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+MODEL_CLASSES = {"gpt2": hf_moe.GPT2MoeForCausalLM, "t5": hf_moe.T5MoeForConditionalGeneration}
+EP2 = dict(fsdp_size=2, ep_size=2)
+
+
+def micro_batch(family: str, index: int) -> dict:
+    generator = torch.Generator().manual_seed(100 + index)
+    ids = torch.randint(3, 99, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding: the MoE layers must skip it on every rank alike
+    if family == "gpt2":
+        labels = ids.masked_fill(mask == 0, -100)
+        return dict(input_ids=ids, attention_mask=mask, labels=labels)
+    labels = torch.randint(3, 99, (2, 7), generator=generator)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    return {name: full(param.grad) for name, param in model.named_parameters() if param.grad is not None}
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    return {name: full(param.detach()) for name, param in model.named_parameters()}
+
+
+def counters(model) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{counter}": getattr(module, counter).clone()
+        for name, module in model.named_modules()
+        if isinstance(module, hf_moe.SparseMoeBlock)
+        for counter in module.COUNTERS
+    }
+
+
+def assert_close_dicts(actual: dict, expected: dict, what: str, tolerance: dict = TOLERANCE) -> None:
+    assert actual.keys() == expected.keys(), f"{what}: names differ {actual.keys() ^ expected.keys()}"
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], **tolerance, msg=lambda m, n=name: f"{what} {n}: {m}")
+
+
+def equivalence_and_training(rank: int, world_size: int, family: str, folder: str, out_dir: str) -> None:
+    """Forward, losses, gradients, global counters, 3 optimizer steps, consolidated save, reload on other layouts."""
+    model_class = MODEL_CLASSES[family]
+    model = model_class.from_pretrained(folder, distributed_config=DistributedConfig(**EP2)).train()
+    reference = model_class.from_pretrained(folder).train()
+    experts = next(m for m in model.modules() if isinstance(m, hf_moe.SparseMoeBlock)).experts
+    assert experts.num_experts == model.config.num_local_experts // 2, "experts are not sharded over ep"
+    # built before any forward: FSDP2 units that keep their full weight after forward expose unsharded parameters.
+    # SGD with momentum, not Adam: Adam's first step is ~lr * sign(grad), which turns the 1e-9 summation-order noise
+    # of a zero gradient (embedding rows of unseen tokens) into a full-size difference. A small learning rate: the
+    # tiny T5 (no dropout, random tokens) is unstable at 1e-2 and would amplify that noise into different runs
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=1e-3, momentum=0.9)
+
+    # 1. forward + backward on this rank's micro-batch vs the reference on both micro-batches
+    out = model(**micro_batch(family, rank))
+    out.loss.backward()
+    for index in range(world_size):
+        ref_out = reference(**micro_batch(family, index))
+        (ref_out.loss / world_size).backward()
+        if index == rank:
+            torch.testing.assert_close(out.logits, ref_out.logits, **TOLERANCE)
+            torch.testing.assert_close(out.loss, ref_out.loss, **TOLERANCE)
+            torch.testing.assert_close(out.aux_loss, ref_out.aux_loss, **TOLERANCE)
+            torch.testing.assert_close(out.z_loss, ref_out.z_loss, **TOLERANCE)
+    assert_close_dicts(full_grads(model), full_grads(reference), "gradient")
+
+    # 2. routing counters: the sum over ranks equals the single process's count of both micro-batches
+    reduce_counters_(model)
+    assert_close_dicts(counters(model), counters(reference), "counter")
+
+    # 3. optimizer steps (the first reuses the gradients above)
+    for step in range(3):
+        if step:
+            optimizer.zero_grad()
+            ref_optimizer.zero_grad()
+            model(**micro_batch(family, 2 * step + rank)).loss.backward()
+            for index in range(world_size):
+                (reference(**micro_batch(family, 2 * step + index)).loss / world_size).backward()
+        optimizer.step()
+        ref_optimizer.step()
+    assert_close_dicts(full_params(model), full_params(reference), "parameter after 3 steps", TRAINED_TOLERANCE)
+
+    # 4. consolidated save from every rank (collective), then reload on one process and on another EP layout
+    saved = os.path.join(out_dir, "trained")
+    model.save_pretrained(saved)
+    dist.barrier()
+    if rank == 0:
+        # the folder is Hub-portable: auto_map names our modeling files (not FSDP2's wrapper class) and carries them
+        with open(os.path.join(saved, "config.json")) as config_file:
+            auto_map = json.load(config_file)["auto_map"]
+        assert all(target.split(".")[0].endswith(f"{family}_moe") for target in auto_map.values()), auto_map
+        assert os.path.exists(os.path.join(saved, f"modeling_{family}_moe.py"))
+        assert not [name for name in os.listdir(saved) if name.startswith("_fsdp")], os.listdir(saved)
+    # The checkpoint is compared with the model that saved it. (Not with the single-process reference: the trained
+    # parameters agree to ~3e-5, and a near-tied top-1 choice can flip under that and move the logits by 1e-2.)
+    model.eval()
+    batch = micro_batch(family, 9)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        if rank == 0:
+            single = model_class.from_pretrained(saved).eval()
+            torch.testing.assert_close(single(**batch).logits, expected, **TOLERANCE)
+        for layout in (dict(fsdp_size=2, ep_size=1), EP2):
+            reloaded = model_class.from_pretrained(saved, distributed_config=DistributedConfig(**layout)).eval()
+            torch.testing.assert_close(reloaded(**batch).logits, expected, **TOLERANCE)
+
+
+def layout_independent_init(rank: int, world_size: int, family: str, folder: str, out_dir: str) -> None:
+    """`reset_experts_` gives the same experts on 2 EP ranks as on one process, from the same seed."""
+    model_class = MODEL_CLASSES[family]
+    model = model_class.from_pretrained(folder, distributed_config=DistributedConfig(**EP2))
+    reset_experts_(model, seed=1234)
+    reference = model_class.from_pretrained(folder)
+    reset_experts_(reference, seed=1234)
+    assert_close_dicts(full_params(model), full_params(reference), "parameter after reset_experts_")
+
+
+def bad_expert_count(rank: int, world_size: int, family: str, folder: str, out_dir: str) -> None:
+    """3 experts on ep_size=2: a clear ValueError on every rank when the model is built, before any weight loads."""
+    try:
+        MODEL_CLASSES[family].from_pretrained(folder, distributed_config=DistributedConfig(**EP2))
+    except ValueError as error:
+        assert "ep_size=2" in str(error) and "num_local_experts=3" in str(error), str(error)
+    else:
+        raise AssertionError("3 experts on ep_size=2 loaded")
+    dist.barrier()  # both ranks got here: nobody is stuck in a collective

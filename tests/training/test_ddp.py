@@ -1,0 +1,57 @@
+"""2-process data-parallel run (torchrun, gloo on CPU): the logged counts are the sum of the per-rank counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_ddp_counts_are_summed_over_ranks(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path),
+    ]  # fmt: skip
+    # a session of its own, so a hung run is ended with its workers, not just the launcher
+    launcher = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        raise
+    assert launcher.returncode == 0, stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 and r["ddp"] == "DistributedDataParallel" for r in ranks)
+    assert all(r["process_group_destroyed"] for r in ranks)
+    (log0,), (log1,) = ranks[0]["logs"], ranks[1]["logs"]
+    for layer in range(2):
+        per_rank = [torch.tensor(r["local_counts"][layer]) for r in ranks]
+        # the ranks saw different data, so a rank-0-only count would not pass
+        assert not torch.equal(per_rank[0], per_rank[1])
+        total = per_rank[0] + per_rank[1]
+        logged = torch.tensor([log0[f"moe/layer_{layer:02d}/token_fraction_expert_{e:02d}"] for e in range(4)])
+        torch.testing.assert_close(logged, (total / total.sum()).float())
+        # 2 ranks x 2 steps x 2 micro-batches x 2 sequences x 12 tokens; each token has 2 experts
+        assert log0[f"moe/layer_{layer:02d}/tokens"] == 2 * 2 * 2 * 2 * 12 == total.sum().item() / 2
+        # every rank logs the same reduced numbers
+        assert log1[f"moe/layer_{layer:02d}/load_imbalance"] == log0[f"moe/layer_{layer:02d}/load_imbalance"]

@@ -1,0 +1,60 @@
+"""Load-balance pictures: valid PNGs, TensorBoard images, history from log_history, a clear error without matplotlib."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from hf_moe.training import history_from_log_history, save_load_balance_plots
+
+PNG = b"\x89PNG\r\n\x1a\n"
+HISTORY = [
+    {"step": 10, "token_fraction": [[0.4, 0.2, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25]], "load_imbalance": [1.6, 1.0]},
+    {"step": 20, "token_fraction": [[0.3, 0.3, 0.2, 0.2], [0.5, 0.5, 0.0, 0.0]], "load_imbalance": [1.2, 2.0]},
+]
+
+
+def test_plots_are_valid_pngs_and_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    paths = save_load_balance_plots(HISTORY, tmp_path / "plots", tb_writer=writer)
+    writer.close()
+    assert [p.name for p in paths] == ["moe_token_fraction_heatmap.png", "moe_load_imbalance.png"]
+    for path in paths:
+        data = path.read_bytes()
+        assert data[:8] == PNG and data[12:16] == b"IHDR"
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"moe/token_fraction", "moe/load_imbalance"}
+    assert events.Images("moe/token_fraction")[0].step == 20
+
+
+def test_history_from_log_history():
+    log_history = [
+        {"loss": 1.0, "step": 10, "moe/layer_00/load_imbalance": 1.5, "moe/layer_00/token_fraction_expert_00": 0.75,
+         "moe/layer_00/token_fraction_expert_01": 0.25, "eval_moe/layer_00/load_imbalance": 9.0},
+        {"eval_loss": 1.0, "step": 10, "eval_moe/layer_00/load_imbalance": 9.0},
+    ]  # fmt: skip
+    assert history_from_log_history(log_history) == [
+        {"step": 10, "token_fraction": [[0.75, 0.25]], "load_imbalance": [1.5]}
+    ]
+
+
+def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"pip install hf-moe\[plot\]"):
+        save_load_balance_plots(HISTORY, tmp_path)
+
+
+def test_ragged_layers_are_padded(tmp_path):
+    history = [
+        {"step": 1, "token_fraction": [[0.5, 0.5], [0.25, 0.25, 0.25, 0.25]], "load_imbalance": [1.0, math.nan]}
+    ]
+    for path in save_load_balance_plots(history, tmp_path):
+        assert path.read_bytes()[:8] == PNG
