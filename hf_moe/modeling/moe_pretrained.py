@@ -51,6 +51,14 @@ class MoePreTrainedMixin:
         """The hf_moe class this model is an instance of, seen through wrappers that subclass it (FSDP2's)."""
         return next(klass for klass in cls.__mro__ if not klass.__module__.startswith("torch."))
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # Registered for Auto classes, the families count as custom code, and transformers then skips every module
+        # whose own (non-recursive) parameters are all initialized: vacuously true of modules with no parameters of
+        # their own, like T5's attention, whose `_init_weights` branch sets q/k/v/o and the relative bias, so they kept
+        # the generic Linear init (std 1.0). That shortcut protects code that writes weights without transformers'
+        # `init` functions; ours only uses them, so the families initialize exactly as the dense models do.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         # transformers caches this answer (is `@use_experts_implementation` in the class's file?) as a class attribute
