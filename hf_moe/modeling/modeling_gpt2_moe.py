@@ -33,13 +33,11 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_gpt2_moe import GPT2MoeConfig
 from .experts import MoeExperts
 from .losses import accumulation_share, mean_over_layers
-from .moe_pretrained import MoePreTrainedMixin
-from .routing import NoisyTopKRouter, Router, RouterOutput
+from .moe_pretrained import ROUTER_OUTPUT_RECORDERS, MoePreTrainedMixin
 from .sparse_moe import SparseMoeBlock
 
 __all__ = [
@@ -153,18 +151,13 @@ class GPT2MoeBlock(GPT2Block):
         return residual + feed_forward
 
 
-_ROUTER_FIELDS = RouterOutput._fields
-
-
 class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
     config: GPT2MoeConfig
     config_class = GPT2MoeConfig
     _no_split_modules = ["GPT2MoeBlock"]
     _can_record_outputs = {
         **GPT2PreTrainedModel._can_record_outputs,
-        "router_logits": OutputRecorder(Router, index=_ROUTER_FIELDS.index("logits_TE")),
-        "router_balance_losses": OutputRecorder(Router, index=_ROUTER_FIELDS.index("balance_loss")),
-        "router_z_losses": OutputRecorder(Router, index=_ROUTER_FIELDS.index("z_loss")),
+        **ROUTER_OUTPUT_RECORDERS,
     }
 
     _auto_map_heads = {
@@ -172,16 +165,6 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
         "AutoModelForCausalLM": "GPT2MoeForCausalLM",
         "AutoModelForSequenceClassification": "GPT2MoeForSequenceClassification",
     }
-
-    @classmethod
-    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
-        # FSDP2 (`DistributedConfig(fsdp_size>1)`) keeps a parameter shared by several modules tied only if it is
-        # shared when `fully_shard` runs; transformers ties the embeddings after sharding, so FSDP2 would keep one
-        # copy per module and the optimizer would update only one of them (the others go stale after one step).
-        # Tie them first (on the meta device this only sets attributes).
-        if mesh_manager is not None:
-            model.tie_weights()
-        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -192,15 +175,6 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
             init.zeros_(module.up_proj_bias)
             init.zeros_(module.down_proj_bias)
-        elif isinstance(module, SparseMoeBlock):
-            # the counters are non-persistent buffers: `from_pretrained` allocates them uninitialized (torch.empty)
-            # and leaves their values to this method
-            for name in module.COUNTERS:
-                init.zeros_(getattr(module, name))
-        elif isinstance(module, Router):
-            init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
-            if isinstance(module, NoisyTopKRouter):
-                init.zeros_(module.noise_weight)  # Shazeer et al.: start from no learned noise preference
 
 
 class GPT2MoeModel(GPT2MoePreTrainedModel, GPT2Model):

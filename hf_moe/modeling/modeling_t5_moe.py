@@ -62,13 +62,11 @@ from transformers.models.t5.modeling_t5 import (
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import ModelOutput
-from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_t5_moe import T5MoeConfig
 from .experts import MoeExperts
 from .losses import accumulation_share, mean_over_layers
-from .moe_pretrained import MoePreTrainedMixin
-from .routing import NoisyTopKRouter, Router, RouterOutput
+from .moe_pretrained import ROUTER_OUTPUT_RECORDERS, MoePreTrainedMixin
 from .sparse_moe import SparseMoeBlock
 
 __all__ = [
@@ -246,18 +244,13 @@ class T5MoeBlock(T5Block):
         return _clamp_inf_in_fp16(hidden_states), self_attn_position_bias, cross_attn_position_bias
 
 
-_ROUTER_FIELDS = RouterOutput._fields
-
-
 class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
     config: T5MoeConfig
     config_class = T5MoeConfig
     _no_split_modules = ["T5MoeBlock"]
     _can_record_outputs = {
         **T5PreTrainedModel._can_record_outputs,
-        "router_logits": OutputRecorder(Router, index=_ROUTER_FIELDS.index("logits_TE")),
-        "router_balance_losses": OutputRecorder(Router, index=_ROUTER_FIELDS.index("balance_loss")),
-        "router_z_losses": OutputRecorder(Router, index=_ROUTER_FIELDS.index("z_loss")),
+        **ROUTER_OUTPUT_RECORDERS,
     }
 
     _auto_map_heads = {
@@ -265,16 +258,6 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
         "AutoModelForSeq2SeqLM": "T5MoeForConditionalGeneration",
         "AutoModelForTextEncoding": "T5MoeEncoderModel",
     }
-
-    @classmethod
-    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
-        # FSDP2 (`DistributedConfig(fsdp_size>1)`) keeps a parameter shared by several modules tied only if it is
-        # shared when `fully_shard` runs; transformers ties the embeddings after sharding, so FSDP2 would keep one
-        # copy per module and the optimizer would update only one of them (the others go stale after one step).
-        # Tie them first (on the meta device this only sets attributes).
-        if mesh_manager is not None:
-            model.tie_weights()
-        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -284,15 +267,6 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
             up_proj = module.gate_up_proj if module.has_gate else module.up_proj
             init.normal_(up_proj, mean=0.0, std=factor * self.config.d_model**-0.5)
             init.normal_(module.down_proj, mean=0.0, std=factor * module.intermediate_dim**-0.5)
-        elif isinstance(module, SparseMoeBlock):
-            # the counters are non-persistent buffers: `from_pretrained` allocates them uninitialized (torch.empty)
-            # and leaves their values to this method
-            for name in module.COUNTERS:
-                init.zeros_(getattr(module, name))
-        elif isinstance(module, Router):
-            init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
-            if isinstance(module, NoisyTopKRouter):
-                init.zeros_(module.noise_weight)  # Shazeer et al.: start from no learned noise preference
 
     def init_parallel_plans(self) -> None:
         super().init_parallel_plans()

@@ -9,11 +9,22 @@ import shutil
 import sys
 from pathlib import Path
 
+from transformers import initialization as init
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils.output_capturing import OutputRecorder
 
-from .sparse_moe import require_non_reentrant_checkpointing
+from .routing import NoisyTopKRouter, Router, RouterOutput
+from .sparse_moe import SparseMoeBlock, require_non_reentrant_checkpointing
 
-__all__ = ["MoePreTrainedMixin"]
+__all__ = ["ROUTER_OUTPUT_RECORDERS", "MoePreTrainedMixin"]
+
+# the router outputs a family's `_can_record_outputs` adds to its dense parent's: what `output_router_logits` returns
+# and what the model's loss collects, captured by transformers' output recorders from every `Router`
+ROUTER_OUTPUT_RECORDERS = {
+    "router_logits": OutputRecorder(Router, index=RouterOutput._fields.index("logits_TE")),
+    "router_balance_losses": OutputRecorder(Router, index=RouterOutput._fields.index("balance_loss")),
+    "router_z_losses": OutputRecorder(Router, index=RouterOutput._fields.index("z_loss")),
+}
 
 
 class MoePreTrainedMixin:
@@ -50,6 +61,29 @@ class MoePreTrainedMixin:
     def _family_class(cls) -> type:
         """The hf_moe class this model is an instance of, seen through wrappers that subclass it (FSDP2's)."""
         return next(klass for klass in cls.__mro__ if not klass.__module__.startswith("torch."))
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # FSDP2 (`DistributedConfig(fsdp_size>1)`) keeps a parameter shared by several modules tied only if it is
+        # shared when `fully_shard` runs; transformers ties the embeddings after sharding, so FSDP2 would keep one
+        # copy per module and the optimizer would update only one of them (the others go stale after one step).
+        # Tie them first (on the meta device this only sets attributes).
+        if mesh_manager is not None:
+            model.tie_weights()
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
+    def _init_weights(self, module):
+        """The dense parent's init, plus the routers and the counters; each family adds its experts' init."""
+        super()._init_weights(module)
+        if isinstance(module, SparseMoeBlock):
+            # the counters are non-persistent buffers: `from_pretrained` allocates them uninitialized (torch.empty)
+            # and leaves their values to this method
+            for name in module.COUNTERS:
+                init.zeros_(getattr(module, name))
+        elif isinstance(module, Router):
+            init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
+            if isinstance(module, NoisyTopKRouter):
+                init.zeros_(module.noise_weight)  # Shazeer et al.: start from no learned noise preference
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # Registered for Auto classes, the families count as custom code, and transformers then skips every module
