@@ -8,8 +8,9 @@ Runs on CPU with gloo (2 processes) and on GPUs with NCCL, unchanged:
 
 Each process holds a distinct batch (`fsdp_size` = number of processes: FSDP2 shards the dense weights) and
 `num_experts / ep_size` whole experts; tokens reach their experts through all-to-all inside each group of `ep_size`
-ranks. The script builds a tiny model on rank 0 (or takes --model), trains it on random tokens, saves a consolidated
-checkpoint and checks that it loads on one process.
+ranks. The script builds a tiny model on rank 0 (or takes --model), trains it on random tokens with hf_moe's
+`MoeTrainer` (whose checkpoints of a sharded model can resume: add `--resume-from-checkpoint last`), saves a
+consolidated checkpoint and checks that it loads on one process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.distributed import DistributedConfig
 
 import hf_moe
@@ -36,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per process and step")
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--resume-from-checkpoint",
+        default=None,
+        help="a checkpoint folder of an earlier run, or 'last' for the newest one under --output-dir/checkpoints",
+    )
     return parser.parse_args(argv)
 
 
@@ -98,9 +104,6 @@ def main(argv=None) -> None:
         max_steps=args.max_steps,
         learning_rate=1e-3,
         save_steps=max(1, args.max_steps // 2),
-        # transformers 5.24 cannot checkpoint the optimizer of a model sharded at load time (trainer.py refuses to
-        # build): checkpoints hold the consolidated model only, and training cannot resume from them
-        save_only_model=world_size > 1,
         logging_steps=1,
         seed=args.seed,
         report_to=[],
@@ -108,8 +111,11 @@ def main(argv=None) -> None:
         dataloader_drop_last=True,
     )
     dataset = RandomTokens(config.vocab_size, args.seq_len, size=64 * world_size, seed=args.seed)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
-    trainer.train()
+    # MoeTrainer, not Trainer: transformers' Trainer refuses full checkpoints of a model sharded at load time;
+    # MoeTrainer writes the sharded optimizer state with PyTorch Distributed Checkpoint, so the run can resume
+    trainer = hf_moe.MoeTrainer(model=model, args=training_args, train_dataset=dataset)
+    resume = True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=resume)
     final = os.path.join(args.output_dir, "final")
     trainer.save_model(final)  # collective: every rank joins the gather, rank 0 writes one consolidated folder
 

@@ -16,6 +16,7 @@ from .optimizers import (
 from .perplexity import perplexity
 from .plots import history_from_log_history, save_load_balance_plots
 from .schedules import DenseToSparseCallback, anneal
+from .sharded_checkpoint import ShardedCheckpointMixin
 
 
 def __getattr__(name: str):
@@ -34,6 +35,7 @@ __all__ = [
     "LoadBalanceCallback",
     "MoeTrainer",
     "RouterBalance",
+    "ShardedCheckpointMixin",
     "anneal",
     "apply_moe_preset",
     "classify_moe_parameters",

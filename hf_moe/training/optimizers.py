@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .sharded_checkpoint import ShardedCheckpointMixin
+
 __all__ = [
     "MOE_OPTIMIZER_PRESETS",
     "MoeTrainer",
@@ -173,8 +175,9 @@ def create_moe_optimizer(
     return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
 
 
-class MoeTrainer(Trainer):
-    """`Trainer` whose optimizer uses the MoE presets and parameter groups (see `create_moe_optimizer`).
+class MoeTrainer(ShardedCheckpointMixin, Trainer):
+    """`Trainer` whose optimizer uses the MoE presets and parameter groups (see `create_moe_optimizer`), and whose
+    checkpoints of an expert-parallel model (sharded at load time) can resume (see `ShardedCheckpointMixin`).
 
     The preset is applied in `__init__`, before Trainer wraps the model for distributed training, so frozen
     parameters are neither all-reduced nor handed to the optimizer.

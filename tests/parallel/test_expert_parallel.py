@@ -6,7 +6,13 @@ import pytest
 
 from tests.parallel.conftest import save_tiny
 from tests.parallel.launch import run_distributed
-from tests.parallel.workers import bad_expert_count, equivalence_and_training, layout_independent_init
+from tests.parallel.workers import (
+    bad_expert_count,
+    equivalence_and_training,
+    layout_independent_init,
+    resume_continues_exactly,
+    resume_on_another_layout,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -25,3 +31,14 @@ def test_reset_experts_is_layout_independent(tmp_path):
 def test_indivisible_expert_count_fails_clearly_on_every_rank(tmp_path):
     folder = save_tiny("gpt2", tmp_path / "model", num_experts=3)
     run_distributed(bad_expert_count, "gpt2", folder, str(tmp_path))
+
+
+def test_moe_trainer_resumes_an_ep_run_exactly(family, tmp_path):
+    folder = save_tiny(family, tmp_path / "model", expert_dropout=0.2)
+    run_distributed(resume_continues_exactly, family, folder, str(tmp_path), timeout=300)
+
+
+def test_moe_trainer_resumes_an_ep_checkpoint_on_another_layout(tmp_path):
+    # no expert dropout: its per-rank streams follow the layout, so other masks would be drawn on ep_size=1
+    folder = save_tiny("t5", tmp_path / "model")
+    run_distributed(resume_on_another_layout, "t5", folder, str(tmp_path), timeout=300)

@@ -152,3 +152,71 @@ def bad_expert_count(rank: int, world_size: int, family: str, folder: str, out_d
     else:
         raise AssertionError("3 experts on ep_size=2 loaded")
     dist.barrier()  # both ranks got here: nobody is stuck in a collective
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """The test's micro-batches split into examples, for the Trainer's own data loader."""
+
+    def __init__(self, family: str, num_batches: int):
+        batches = [micro_batch(family, index) for index in range(num_batches)]
+        self.examples = [{key: value[row] for key, value in batch.items()} for batch in batches for row in range(2)]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+
+def _trainer(family: str, folder: str, output_dir: str, layout: dict) -> hf_moe.MoeTrainer:
+    from transformers import TrainingArguments
+
+    model = MODEL_CLASSES[family].from_pretrained(folder, distributed_config=DistributedConfig(**layout))
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=2,
+        max_steps=4,
+        save_steps=2,
+        learning_rate=1e-3,  # AdamW with a linear decay: optimizer moments and the schedule must both come back
+        logging_steps=1,
+        seed=0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return hf_moe.MoeTrainer(model=model, args=args, train_dataset=MicroBatches(family, num_batches=16))
+
+
+def resume_continues_exactly(rank: int, world_size: int, family: str, folder: str, out_dir: str) -> None:
+    """4 MoeTrainer steps under EP with a full checkpoint at step 2; resuming from it ends at the same parameters."""
+    output_dir = os.path.join(out_dir, "run")
+    uninterrupted = _trainer(family, folder, output_dir, EP2)
+    uninterrupted.train()
+    expected = full_params(uninterrupted.model)
+    expected_losses = {entry["step"]: entry["loss"] for entry in uninterrupted.state.log_history if "loss" in entry}
+
+    checkpoint = os.path.join(output_dir, "checkpoint-2")
+    saved = set(os.listdir(checkpoint))
+    assert {"sharded_state", "scheduler.pt", f"rng_state_{rank}.pth", "model.safetensors"} <= saved, saved
+
+    resumed = _trainer(family, folder, os.path.join(out_dir, "resumed"), EP2)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    # expert dropout draws from per-rank streams seeded by the global generator: exact only if the RNG came back too
+    assert_close_dicts(full_params(resumed.model), expected, "parameter after resuming", dict(rtol=0, atol=0))
+    # the log history comes back with the trainer state: steps 1-2 from the checkpoint, 3-4 logged after resuming
+    resumed_losses = {entry["step"]: entry["loss"] for entry in resumed.state.log_history if "loss" in entry}
+    assert resumed_losses == expected_losses, (resumed_losses, expected_losses)
+
+
+def resume_on_another_layout(rank: int, world_size: int, family: str, folder: str, out_dir: str) -> None:
+    """A checkpoint written under ep_size=2 resumes under ep_size=1 (DCP reshards by name) and ends where EP did."""
+    uninterrupted = _trainer(family, folder, os.path.join(out_dir, "run"), EP2)
+    uninterrupted.train()
+    expected = full_params(uninterrupted.model)
+
+    resumed = _trainer(family, folder, os.path.join(out_dir, "resumed"), dict(fsdp_size=2, ep_size=1))
+    resumed.train(resume_from_checkpoint=os.path.join(out_dir, "run", "checkpoint-2"))
+    # not bit-exact: the two layouts reduce gradients in different orders
+    assert_close_dicts(
+        full_params(resumed.model), expected, "parameter after resuming on ep_size=1", TRAINED_TOLERANCE
+    )
