@@ -23,6 +23,13 @@ def test_ep_matches_single_process(family, tmp_path):
     run_distributed(equivalence_and_training, family, folder, str(tmp_path))
 
 
+# 4 gloo processes also run on 2 cores (about 15 s each): the README's 4-rank diagram, and one expert per rank
+@pytest.mark.parametrize("ep_size", [2, 4])
+def test_ep_on_4_processes_matches_single_process(family, ep_size, tmp_path):
+    folder = save_tiny(family, tmp_path / "model")
+    run_distributed(equivalence_and_training, family, folder, str(tmp_path), ep_size, world_size=4, timeout=400)
+
+
 def test_reset_experts_is_layout_independent(tmp_path):
     folder = save_tiny("t5", tmp_path / "model")
     run_distributed(layout_independent_init, "t5", folder, str(tmp_path))

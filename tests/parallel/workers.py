@@ -65,13 +65,19 @@ def assert_close_dicts(actual: dict, expected: dict, what: str, tolerance: dict 
         torch.testing.assert_close(actual[name], expected[name], **tolerance, msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
-def equivalence_and_training(rank: int, world_size: int, family: str, folder: str, out_dir: str) -> None:
-    """Forward, losses, gradients, global counters, 3 optimizer steps, consolidated save, reload on other layouts."""
+def equivalence_and_training(
+    rank: int, world_size: int, family: str, folder: str, out_dir: str, ep_size: int = 2
+) -> None:
+    """Forward, losses, gradients, global counters, 3 optimizer steps, consolidated save, reload on other layouts.
+
+    Layout: every process is a data-parallel rank (`fsdp_size=world_size`), experts split over `ep_size` ranks.
+    """
+    layout = dict(fsdp_size=world_size, ep_size=ep_size)
     model_class = MODEL_CLASSES[family]
-    model = model_class.from_pretrained(folder, distributed_config=DistributedConfig(**EP2)).train()
+    model = model_class.from_pretrained(folder, distributed_config=DistributedConfig(**layout)).train()
     reference = model_class.from_pretrained(folder).train()
     experts = next(m for m in model.modules() if isinstance(m, hf_moe.SparseMoeBlock)).experts
-    assert experts.num_experts == model.config.num_local_experts // 2, "experts are not sharded over ep"
+    assert experts.num_experts == model.config.num_local_experts // ep_size, "experts are not sharded over ep"
     # built before any forward: FSDP2 units that keep their full weight after forward expose unsharded parameters.
     # SGD with momentum, not Adam: Adam's first step is ~lr * sign(grad), which turns the 1e-9 summation-order noise
     # of a zero gradient (embedding rows of unseen tokens) into a full-size difference. A small learning rate: the
@@ -101,9 +107,9 @@ def equivalence_and_training(rank: int, world_size: int, family: str, folder: st
         if step:
             optimizer.zero_grad()
             ref_optimizer.zero_grad()
-            model(**micro_batch(family, 2 * step + rank)).loss.backward()
+            model(**micro_batch(family, world_size * step + rank)).loss.backward()
             for index in range(world_size):
-                (reference(**micro_batch(family, 2 * step + index)).loss / world_size).backward()
+                (reference(**micro_batch(family, world_size * step + index)).loss / world_size).backward()
         optimizer.step()
         ref_optimizer.step()
     assert_close_dicts(full_params(model), full_params(reference), "parameter after 3 steps", TRAINED_TOLERANCE)
@@ -128,8 +134,8 @@ def equivalence_and_training(rank: int, world_size: int, family: str, folder: st
         if rank == 0:
             single = model_class.from_pretrained(saved).eval()
             torch.testing.assert_close(single(**batch).logits, expected, **TOLERANCE)
-        for layout in (dict(fsdp_size=2, ep_size=1), EP2):
-            reloaded = model_class.from_pretrained(saved, distributed_config=DistributedConfig(**layout)).eval()
+        for other in (dict(fsdp_size=world_size, ep_size=1), layout):
+            reloaded = model_class.from_pretrained(saved, distributed_config=DistributedConfig(**other)).eval()
             torch.testing.assert_close(reloaded(**batch).logits, expected, **TOLERANCE)
 
 
