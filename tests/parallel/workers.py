@@ -13,6 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from transformers import TrainingArguments
 from transformers.distributed import DistributedConfig
 
 import hf_moe
@@ -175,8 +176,6 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def _trainer(family: str, folder: str, output_dir: str, layout: dict) -> hf_moe.MoeTrainer:
-    from transformers import TrainingArguments
-
     model = MODEL_CLASSES[family].from_pretrained(folder, distributed_config=DistributedConfig(**layout))
     args = TrainingArguments(
         output_dir=output_dir,
