@@ -3,7 +3,8 @@
 Runs on CPU with gloo (2 processes) and on GPUs with NCCL, unchanged:
 
     torchrun --nproc_per_node 2 examples/expert_parallel.py --output-dir /tmp/ep_run
-    accelerate launch --cpu --num_processes 2 examples/expert_parallel.py --output-dir /tmp/ep_run
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        examples/expert_parallel.py --output-dir /tmp/ep_run   # --cpu would start ONE process
     torchrun --nproc_per_node 8 examples/expert_parallel.py --num-experts 8 --ep-size 8 ...   # 8 GPUs
 
 Each process holds a distinct batch (`fsdp_size` = number of processes: FSDP2 shards the dense weights) and

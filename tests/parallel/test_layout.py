@@ -56,13 +56,34 @@ def test_describe_layout_draws_ranks_experts_and_groups():
     assert "E0-E3" in text and "E4-E7" in text and "ep group" in text and "efsdp group" in text
 
 
-@pytest.mark.multiprocess
-def test_example_trains_under_torchrun(tmp_path):
+# the README's commands; accelerate needs --multi_gpu for 2 CPU processes (--cpu picks its one-process launcher)
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
+    "accelerate": [
+        "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "{port}",
+    ],
+}  # fmt: skip
+
+
+def run_example(launcher: str, *example_args: str) -> subprocess.CompletedProcess:
     example = Path(__file__).resolve().parents[2] / "examples" / "expert_parallel.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(free_port()), str(example), "--output-dir", str(tmp_path), "--max-steps", "2"]
+    command = [sys.executable] + [part.format(port=free_port()) for part in LAUNCHERS[launcher]]
+    command += [str(example), *example_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "saved a consolidated checkpoint" in result.stdout
+    return result
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_example_trains_and_resumes_on_two_ranks(launcher, tmp_path):
+    first = run_example(launcher, "--output-dir", str(tmp_path), "--max-steps", "2")
+    assert "2 whole experts per rank" in first.stdout  # 4 experts over 2 expert-parallel ranks, not one process
+    assert "saved a consolidated checkpoint" in first.stdout
     hf_moe.GPT2MoeForCausalLM.from_pretrained(tmp_path / "final")
+
+    # the README's resume command: picks up checkpoint-2 and trains on to step 4
+    run_example(launcher, "--output-dir", str(tmp_path), "--max-steps", "4", "--resume-from-checkpoint", "last")
+    assert (tmp_path / "checkpoints" / "checkpoint-4" / "sharded_state").is_dir()
