@@ -13,11 +13,12 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from transformers import TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.distributed import DistributedConfig
 
 import hf_moe
 from hf_moe.parallel import reduce_counters_, reset_experts_
+from hf_moe.training import LoadBalanceCallback, metrics_from_counts, moe_blocks
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 # after optimizer steps: T5's layer-norm gradients are ~20-50 in this tiny model, so the 1e-7 summation-order noise of
@@ -66,6 +67,31 @@ def assert_close_dicts(actual: dict, expected: dict, what: str, tolerance: dict 
         torch.testing.assert_close(actual[name], expected[name], **tolerance, msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
+def assert_callback_logs_global_counts(model, reference, family: str, rank: int, world_size: int) -> None:
+    """Drive LoadBalanceCallback's hooks around one forward per rank, as Trainer would; compare its log entry with the
+    metrics of the single process's counts over all ranks' micro-batches."""
+    args, state, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), TrainerControl()
+    callback = LoadBalanceCallback(save_plots=False)
+    callback.on_train_begin(args, state, control, model=model)  # starts a window: what was counted before is dropped
+    for module in reference.modules():
+        if isinstance(module, hf_moe.SparseMoeBlock):
+            module.reset_counters()
+    with torch.no_grad():
+        model(**micro_batch(family, 20 + rank))
+        for index in range(world_size):
+            reference(**micro_batch(family, 20 + index))
+    callback.on_step_end(args, state, control)
+    logs = {"loss": 0.0}
+    callback.on_log(args, state, control, logs=logs, model=model)
+    expected = metrics_from_counts([{c: getattr(b, c) for c in b.COUNTERS} for _, b in moe_blocks(reference)])
+    assert (
+        expected["moe/layer_00/tokens"] > 0
+        and {k: v for k, v in logs.items() if k != "loss"}.keys() == expected.keys()
+    )
+    for name, value in expected.items():
+        assert abs(logs[name] - value) <= 1e-5 * max(1.0, abs(value)), (name, logs[name], value)
+
+
 def equivalence_and_training(
     rank: int, world_size: int, family: str, folder: str, out_dir: str, ep_size: int = 2
 ) -> None:
@@ -102,6 +128,8 @@ def equivalence_and_training(
     # 2. routing counters: the sum over ranks equals the single process's count of both micro-batches
     reduce_counters_(model)
     assert_close_dicts(counters(model), counters(reference), "counter")
+    # 2b. and so do the metrics LoadBalanceCallback logs (its own all-reduce), on a fresh forward
+    assert_callback_logs_global_counts(model, reference, family, rank, world_size)
 
     # 3. optimizer steps (the first reuses the gradients above)
     for step in range(3):
