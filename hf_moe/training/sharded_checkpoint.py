@@ -114,6 +114,12 @@ class ShardedCheckpointMixin:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_sharded_model(self.model, resume_from_checkpoint)
 
+    def _load_best_model(self) -> None:
+        # `load_best_model_at_end=True`: the Trainer would load the consolidated weights into plain tensors
+        if not _is_sharded_at_load(self.model):
+            return super()._load_best_model()
+        load_sharded_model(self.model, self.state.best_model_checkpoint)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if not _is_sharded_at_load(self.model):
             return super()._load_optimizer_and_scheduler(checkpoint)

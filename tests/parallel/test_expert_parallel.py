@@ -8,6 +8,7 @@ from tests.parallel.conftest import save_tiny
 from tests.parallel.launch import run_distributed
 from tests.parallel.workers import (
     bad_expert_count,
+    best_model_is_restored,
     equivalence_and_training,
     layout_independent_init,
     resume_continues_exactly,
@@ -49,3 +50,8 @@ def test_moe_trainer_resumes_an_ep_checkpoint_on_another_layout(tmp_path):
     # no expert dropout: its per-rank streams follow the layout, so other masks would be drawn on ep_size=1
     folder = save_tiny("t5", tmp_path / "model")
     run_distributed(resume_on_another_layout, "t5", folder, str(tmp_path), timeout=300)
+
+
+def test_moe_trainer_loads_the_best_ep_checkpoint_at_end(tmp_path):
+    folder = save_tiny("gpt2", tmp_path / "model")
+    run_distributed(best_model_is_restored, "gpt2", folder, str(tmp_path), timeout=300)

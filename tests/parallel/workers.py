@@ -203,9 +203,9 @@ class MicroBatches(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-def _trainer(family: str, folder: str, output_dir: str, layout: dict) -> hf_moe.MoeTrainer:
+def _trainer(family: str, folder: str, output_dir: str, layout: dict, **overrides) -> hf_moe.MoeTrainer:
     model = MODEL_CLASSES[family].from_pretrained(folder, distributed_config=DistributedConfig(**layout))
-    args = TrainingArguments(
+    fields = dict(
         output_dir=output_dir,
         per_device_train_batch_size=2,
         max_steps=4,
@@ -217,7 +217,10 @@ def _trainer(family: str, folder: str, output_dir: str, layout: dict) -> hf_moe.
         use_cpu=True,
         disable_tqdm=True,
     )
-    return hf_moe.MoeTrainer(model=model, args=args, train_dataset=MicroBatches(family, num_batches=16))
+    data = MicroBatches(family, num_batches=16)
+    return hf_moe.MoeTrainer(
+        model=model, args=TrainingArguments(**{**fields, **overrides}), train_dataset=data, eval_dataset=data
+    )
 
 
 def resume_continues_exactly(rank: int, world_size: int, family: str, folder: str, out_dir: str) -> None:
@@ -253,3 +256,23 @@ def resume_on_another_layout(rank: int, world_size: int, family: str, folder: st
     assert_close_dicts(
         full_params(resumed.model), expected, "parameter after resuming on ep_size=1", TRAINED_TOLERANCE
     )
+
+
+def best_model_is_restored(rank: int, world_size: int, family: str, folder: str, out_dir: str) -> None:
+    """`load_best_model_at_end=True` under EP: the model ends with the best checkpoint's weights (its sharded copy)."""
+    trainer = _trainer(
+        family,
+        folder,
+        os.path.join(out_dir, "run"),
+        EP2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the worse of the two checkpoints: not simply the last one
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and best.endswith("checkpoint-2"), best
+    expected = {name: p.detach() for name, p in MODEL_CLASSES[family].from_pretrained(best).named_parameters()}
+    assert_close_dicts(full_params(trainer.model), expected, "parameter after load_best_model_at_end")
