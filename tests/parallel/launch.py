@@ -3,6 +3,7 @@ free port, a timeout on the whole run and on every collective, and a clean `dest
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -35,6 +36,11 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
     try:
         fn(rank, world_size, *args)
+        # Free the worker's models (DTensors, FSDP state) while the process group is alive, not at interpreter exit,
+        # where gloo's threads can abort the process; and let nobody tear down its connections while another rank may
+        # still be talking to it.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
