@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import sys
 import time
 from datetime import timedelta
 
@@ -41,8 +42,15 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
         # still be talking to it.
         gc.collect()
         dist.barrier()
+        _stage(rank, "passed its checks")
     finally:
         dist.destroy_process_group()
+    _stage(rank, "destroyed its process group")
+
+
+def _stage(rank: int, what: str) -> None:
+    # shown with a failing test's output: tells a crash in the checks from one while shutting down
+    print(f"[rank {rank}] {what}", file=sys.stderr, flush=True)
 
 
 def run_distributed(fn, *args, world_size: int = 2, timeout: float = 150.0) -> None:
