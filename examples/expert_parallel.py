@@ -17,6 +17,7 @@ consolidated checkpoint and checks that it loads on one process.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -83,6 +84,19 @@ def main(argv=None) -> None:
     if world_size > 1 and not dist.is_initialized():
         # gloo on CPU; transformers would pick nccl on GPUs by itself
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(args, world_size)
+    finally:
+        if dist.is_initialized():
+            # train()'s model and trainer are gone by now. Freed after destroy_process_group, the last of them would
+            # destroy a gloo process group while holding the GIL, which can deadlock or abort against gloo's own
+            # threads (pytorch/pytorch#56297); freed before, the process group's own destructor releases the GIL.
+            gc.collect()
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, world_size: int) -> None:
     folder = args.model or tiny_model_folder(args.output_dir, args.num_experts, args.seed)
     if dist.is_initialized():
         dist.barrier()
@@ -123,9 +137,6 @@ def main(argv=None) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         single = model_class.from_pretrained(final)  # one process, no DistributedConfig
         print(f"saved a consolidated checkpoint to {final} ({sum(p.numel() for p in single.parameters())} params)")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ which reading the blocks' buffers once per logging window would count rank 0 onl
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -18,6 +19,18 @@ from tests.training.helpers import RoutingRecorder, causal_examples, tiny_gpt2, 
 
 
 def main(output_dir: str) -> None:
+    result = train_and_record(output_dir)
+    # The DDP model is gone once train_and_record returns: freed after destroy_process_group, its reducer would destroy
+    # the gloo process group while holding the GIL and can deadlock against gloo's own threads (pytorch#56297).
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    result["process_group_destroyed"] = not torch.distributed.is_initialized()
+    with open(os.path.join(output_dir, f"rank{result['rank']}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def train_and_record(output_dir: str) -> dict:
     torch.manual_seed(0)
     model = tiny_gpt2(capacity_factor=1.0)
     recorder = RoutingRecorder(model)
@@ -34,18 +47,13 @@ def main(output_dir: str) -> None:
     rank = torch.distributed.get_rank()
     world_size = torch.distributed.get_world_size()
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    result = {
+    return {
         "rank": rank,
         "world_size": world_size,
         "ddp": type(trainer.model_wrapped).__name__,
         "local_counts": [c.tolist() for c in recorder.take(training=True)],
         "logs": logs,
     }
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    result["process_group_destroyed"] = not torch.distributed.is_initialized()
-    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
 
 
 if __name__ == "__main__":
