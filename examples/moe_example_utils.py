@@ -7,6 +7,7 @@ so each script stays short and the three agree on how data is found and results 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sysconfig
@@ -156,3 +157,17 @@ def write_json(path: Path, data: dict) -> None:
     partial = path.with_suffix(f".partial-{os.getpid()}")
     partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
     partial.replace(path)
+
+
+def shut_down_distributed() -> None:
+    """End a data-parallel run (torchrun / accelerate launch) cleanly; a no-op in a single process.
+
+    Call it after the function that held the model and Trainer has returned. Left to interpreter exit, the process
+    group can be destroyed by the last model object while it holds the GIL, which can deadlock or abort against
+    gloo's own threads (pytorch/pytorch#56297); destroyed here, after the models are freed, it cannot.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

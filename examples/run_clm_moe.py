@@ -33,6 +33,7 @@ from moe_example_utils import (
     log_world,
     moe_metrics,
     read_texts,
+    shut_down_distributed,
     train_bpe_tokenizer,
     write_json,
 )
@@ -268,3 +269,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    shut_down_distributed()

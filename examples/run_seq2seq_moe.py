@@ -33,6 +33,7 @@ from moe_example_utils import (
     load_text_datasets,
     log_world,
     moe_metrics,
+    shut_down_distributed,
     train_bpe_tokenizer,
     write_json,
 )
@@ -427,3 +428,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    shut_down_distributed()
