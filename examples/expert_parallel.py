@@ -17,11 +17,11 @@ consolidated checkpoint and checks that it loads on one process.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 
 import torch
 import torch.distributed as dist
+from moe_example_utils import shut_down_distributed
 from transformers import TrainingArguments
 from transformers.distributed import DistributedConfig
 
@@ -87,13 +87,7 @@ def main(argv=None) -> None:
     try:
         train(args, world_size)
     finally:
-        if dist.is_initialized():
-            # train()'s model and trainer are gone by now. Freed after destroy_process_group, the last of them would
-            # destroy a gloo process group while holding the GIL, which can deadlock or abort against gloo's own
-            # threads (pytorch/pytorch#56297); freed before, the process group's own destructor releases the GIL.
-            gc.collect()
-            dist.barrier()
-            dist.destroy_process_group()
+        shut_down_distributed()  # train()'s model and trainer are freed by now, as it needs
 
 
 def train(args: argparse.Namespace, world_size: int) -> None:

@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.parallel.launch import ACCELERATE_TWO_PROCESSES, free_port
+
 REPO = Path(__file__).resolve().parents[2]
-# the README's command; `--cpu` instead of `--multi_gpu` would start ONE process (accelerate's simple launcher)
-RECIPE = shlex.split("launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.multiprocess
@@ -29,7 +21,7 @@ def free_port() -> int:
 def test_run_clm_moe_data_parallel_on_two_cpu_processes(tmp_path):
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "accelerate.commands.accelerate_cli", *RECIPE, "--main_process_port", str(free_port()),
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", *ACCELERATE_TWO_PROCESSES, "--main_process_port", str(free_port()),
         str(REPO / "examples" / "run_clm_moe.py"),
         "--n-layer", "2", "--n-embd", "32", "--num-experts", "4", "--vocab-size", "400", "--corpus-bytes", "60000",
         "--block-size", "16", "--batch-size", "2", "--max-steps", "4", "--logging-steps", "2",

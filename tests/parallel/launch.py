@@ -13,6 +13,13 @@ from datetime import timedelta
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# `accelerate launch` arguments that really start 2 processes on a CPU-only machine (the README's recipe): `--cpu`
+# instead of `--multi_gpu` would pick accelerate's simple launcher, which starts ONE process
+ACCELERATE_TWO_PROCESSES = [
+    "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    "--dynamo_backend", "no",
+]  # fmt: skip
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -14,7 +14,7 @@ import hf_moe
 from hf_moe.parallel import describe_layout, validate_expert_parallel
 from tests.conftest import tiny_gpt2_moe_config
 from tests.parallel.conftest import tiny_t5_config
-from tests.parallel.launch import free_port
+from tests.parallel.launch import ACCELERATE_TWO_PROCESSES, free_port
 
 
 def test_indivisible_expert_count_is_refused_before_loading():
@@ -56,14 +56,17 @@ def test_describe_layout_draws_ranks_experts_and_groups():
     assert "E0-E3" in text and "E4-E7" in text and "ep group" in text and "efsdp group" in text
 
 
-# the README's commands; accelerate needs --multi_gpu for 2 CPU processes (--cpu picks its one-process launcher)
+# the README's commands
 LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
     "accelerate": [
-        "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "{port}",
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        *ACCELERATE_TWO_PROCESSES,
+        "--main_process_port",
+        "{port}",
     ],
-}  # fmt: skip
+}
 
 
 def run_example(launcher: str, *example_args: str) -> subprocess.CompletedProcess:
