@@ -12,16 +12,19 @@ from .modeling import (
     GPT2MoePreTrainedModel,
     MoeConfigFields,
     Router,
-    RouterOutput,
+    RouterDecision,
+    RoutingInputs,
     SparseMoeBlock,
     T5MoeConfig,
     T5MoeEncoderModel,
     T5MoeForConditionalGeneration,
     T5MoeModel,
     T5MoePreTrainedModel,
+    register_balance_loss,
+    register_router,
 )
 from .registration import register_auto_classes
-from .training import DenseToSparseCallback, LoadBalanceCallback, MoeTrainer
+from .training import DenseToSparseCallback, LoadBalanceCallback, MoeLoss, MoeTrainer
 
 __version__ = "0.1.0"
 
@@ -37,9 +40,11 @@ __all__ = [
     "GPT2MoePreTrainedModel",
     "LoadBalanceCallback",
     "MoeConfigFields",
+    "MoeLoss",
     "MoeTrainer",
     "Router",
-    "RouterOutput",
+    "RouterDecision",
+    "RoutingInputs",
     "SparseMoeBlock",
     "T5MoeConfig",
     "T5MoeEncoderModel",
@@ -49,5 +54,7 @@ __all__ = [
     "__version__",
     "from_switch_transformers",
     "moefy",
+    "register_balance_loss",
+    "register_router",
     "save_converted",
 ]

@@ -33,7 +33,7 @@ from transformers import (
 
 from .conversion import moefy, save_converted
 from .modeling.configuration_moe import MoeConfigFields
-from .modeling.sparse_moe import SparseMoeBlock
+from .modeling.moe_parts import moe_blocks
 
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 
@@ -108,12 +108,12 @@ def run_demo(settings: DemoSettings, log=print) -> DemoResult:
         curves[name] = curve
     seconds.update({f"train_{name}": value for name, value in timings.items()})
 
-    for block in _moe_blocks(moe):
+    for _, block in moe_blocks(moe):
         block.reset_counters()
     dense_loss, moe_loss = language_model_loss(base, val_blocks), language_model_loss(moe, val_blocks)
     load_balance = {
         name: (block.routed_tokens_per_expert / block.routed_tokens_per_expert.sum()).tolist()
-        for name, block in _named_moe_blocks(moe)
+        for name, block in moe_blocks(moe)
     }
     result = DemoResult(
         base_validation_loss=base_loss,
@@ -249,14 +249,6 @@ def _train(model, train_blocks, settings: DemoSettings, steps: int, run_dir: Pat
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks).train()
     model.eval()
     return time.perf_counter() - started
-
-
-def _named_moe_blocks(model):
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseMoeBlock)]
-
-
-def _moe_blocks(model):
-    return [module for _, module in _named_moe_blocks(model)]
 
 
 def _save(out: Path, dense, moe, tokenizer, result: DemoResult, settings: DemoSettings, log) -> None:

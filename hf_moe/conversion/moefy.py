@@ -16,8 +16,8 @@ from types import ModuleType
 import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
-from transformers.initialization import no_init_weights
 
+from ..modeling._compat import from_config_without_init
 from . import gpt2, t5
 from .init_methods import INIT_METHODS, init_experts
 from .report import ConversionReport
@@ -88,8 +88,7 @@ def moefy(
     }
     config = family.moe_config(dense.config, moe_fields, layer_specs)
 
-    with no_init_weights():  # every weight is written below: skip the random init
-        moe = target_class._from_config(config, dtype=dense.dtype)
+    moe = from_config_without_init(target_class, config, dtype=dense.dtype)  # every weight is written below
     moe.tie_weights()  # post_init's tying is skipped with the init under no_init_weights
     pairs = list(family.layer_pairs(dense, moe, config))
     _copy_shared_weights(dense, moe, dense_ffn_modules=[ffn_module for _, ffn_module, _, _ in pairs])
@@ -102,7 +101,8 @@ def moefy(
             experts = family.expert_parameters(init_experts(ffn, num_experts, init, generator, **init_options))
             for name, tensor in experts.items():
                 getattr(block.experts, name).copy_(tensor)
-            _init_router(block.router, config.router_init_std, generator)
+            # small and random, never all zero: with identical experts, equal logits would tie every routing decision
+            block.router.init_weights(config.router_init_std, generator=generator)
     if getattr(dense, "generation_config", None) is not None:
         moe.generation_config = copy.deepcopy(dense.generation_config)
     moe.to(dense.device)
@@ -175,13 +175,6 @@ def _copy_shared_weights(dense: PreTrainedModel, moe: PreTrainedModel, dense_ffn
     lost = set(dense_state) - set(moe_state) - converted
     if lost:
         raise RuntimeError(f"moefy: these dense weights have no place in the MoE model: {sorted(lost)}")
-
-
-def _init_router(router: torch.nn.Module, std: float, generator: torch.Generator) -> None:
-    # small and random, never all zero: with identical experts, equal logits would tie every routing decision
-    router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * std)
-    if hasattr(router, "noise_weight"):
-        router.noise_weight.zero_()
 
 
 def _progress(pairs: list, enabled: bool):

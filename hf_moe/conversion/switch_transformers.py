@@ -25,15 +25,9 @@ from ..modeling import T5MoeConfig, T5MoeForConditionalGeneration
 
 __all__ = ["from_switch_transformers"]
 
-# a capacity factor derived from an integer capacity is shaved by this relative amount, so that float rounding in
-# factor * tokens / experts can never push ceil() one slot above the intended integer
-_CAPACITY_ROUNDING_GUARD = 1e-9
-
 
 def from_switch_transformers(
     model_or_path: SwitchTransformersForConditionalGeneration | str | os.PathLike,
-    *,
-    sequence_length: int | None = None,
 ) -> T5MoeForConditionalGeneration:
     """Convert a `SwitchTransformersForConditionalGeneration` (a model, or a local folder it was saved to).
 
@@ -43,27 +37,17 @@ def from_switch_transformers(
     experts' inner dropout is Switch's `dropout_rate` (`expert_dropout`). The result has the source's dtype, training
     mode and generation config.
 
-    Capacity. Switch gives every expert `expert_capacity` slots per *sequence* (its router counts with a cumsum over
-    each row), in training and evaluation alike; hf_moe's capacity is ceil(factor * T / E) slots over the whole batch of
-    T tokens. Without `sequence_length` the converted model is dropless (no capacity at all). With it, both capacity
-    factors become `expert_capacity * E / sequence_length` (and `min_capacity=0`), so a batch of B sequences of that
-    length gets B * expert_capacity slots per expert, Switch's total.
-
-    Where the two agree exactly (logits equal up to float rounding, in eval mode):
-    - whenever Switch drops no token (each expert gets at most `expert_capacity` tokens of each sequence): dropless
-      conversion then matches for any batch, and this is the case to use for generation;
-    - with `sequence_length`, also when tokens are dropped if the batch has one sequence and the encoder and decoder
-      inputs both have `sequence_length` tokens (then both keep the first `expert_capacity` tokens per expert).
+    Capacity is Switch's: every expert takes at most `expert_capacity` tokens of each *sequence*, in training and
+    evaluation alike, the first ones by position (`capacity_scope="sequence"`, `expert_capacity`, drop policy
+    "position"). So the logits equal Switch's (up to float rounding, in eval mode) at any `expert_capacity`, binding
+    or not, for any batch and sequence lengths, and while decoding one token per row.
 
     Semantic differences (by design, not fixable by a mapping):
-    - capacity scope: with B > 1 and overflowing experts, the pooled batch capacity keeps a different set of tokens
-      (earlier rows may use slots a later row would have had); one capacity factor serves encoder and decoder
-      inputs of different lengths; while decoding one token per row, Switch never drops but a capacity factor can;
     - padding: Switch routes padding tokens like any other (they take capacity and enter its losses); hf_moe puts
       padding last in the capacity order and leaves it out of the router losses;
     - router losses: Switch adds them only with `output_router_logits=True`, skips a stack whose sparse step is 1
       (every layer sparse), pools a stack's layers, computes the balance loss per sequence and sums the two stacks;
-      hf_moe always adds them and averages per-layer losses over all MoE layers, so `loss` differs though logits agree;
+      hf_moe adds them whenever labels are given and averages per-layer losses over all MoE layers, so `loss` differs though logits agree;
     - jitter: transformers' Switch router multiplies its input in place, so in float32 training the experts see the
       jittered states too; hf_moe jitters the router's input only, as in the paper;
     - precision: hf_moe routes in float32 whatever Switch's `router_dtype`;
@@ -87,10 +71,7 @@ def from_switch_transformers(
                 f"{stack_name}.embed_tokens differs from shared: T5 MoE, like T5, uses one input embedding for both "
                 "stacks (a Switch model with tie_word_embeddings=False leaves them untied)"
             )
-    if sequence_length is not None and sequence_length < 1:
-        raise ValueError(f"sequence_length must be >= 1 or None (dropless), got {sequence_length}")
-
-    model = T5MoeForConditionalGeneration(_config_from_switch(switch, sequence_length))
+    model = T5MoeForConditionalGeneration(_config_from_switch(switch))
     if not source_config.tie_word_embeddings:
         # T5 ties the LM head to the embedding in memory; a Switch model with its own head keeps it (a saved folder
         # then holds both, and loading leaves them untied, as for T5 v1.1 checkpoints)
@@ -101,15 +82,8 @@ def from_switch_transformers(
     return model.to(switch.dtype).train(switch.training)
 
 
-def _config_from_switch(
-    switch: SwitchTransformersForConditionalGeneration, sequence_length: int | None
-) -> T5MoeConfig:
+def _config_from_switch(switch: SwitchTransformersForConditionalGeneration) -> T5MoeConfig:
     source = switch.config
-    capacity_factor = None
-    if sequence_length is not None:
-        capacity_factor = (
-            source.expert_capacity * source.num_experts / sequence_length * (1 - _CAPACITY_ROUNDING_GUARD)
-        )
     token_ids = {
         name: getattr(source, name)
         for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id")
@@ -145,9 +119,8 @@ def _config_from_switch(
         # Switch initializes its routers with std = initializer_factor
         router_init_std=source.initializer_factor,
         expert_dropout=source.dropout_rate,
-        capacity_factor=capacity_factor,
-        eval_capacity_factor=capacity_factor,
-        min_capacity=0,
+        expert_capacity=source.expert_capacity,
+        capacity_scope="sequence",
         drop_policy="position",
         encoder_moe_layers=[i for i, block in enumerate(switch.encoder.block) if block.is_sparse],
         decoder_moe_layers=[i for i, block in enumerate(switch.decoder.block) if block.is_sparse],

@@ -7,12 +7,15 @@ so a saved folder loads with `trust_remote_code=True` where hf_moe is not instal
 from .configuration_gpt2_moe import GPT2MoeConfig
 from .configuration_moe import MoeConfigFields
 from .configuration_t5_moe import T5MoeConfig
+from .dispatch import Capacity, capacity_keep_mask, expert_capacity, run_experts
 from .experts import ExpertActivation, MoeExperts
 from .losses import (
     cv_squared,
+    importance_load_balance_loss,
     importance_load_loss,
     noisy_top_k_load,
     router_z_loss,
+    switch_balance_loss,
     switch_load_balancing_loss,
 )
 from .modeling_gpt2_moe import (
@@ -30,11 +33,15 @@ from .modeling_t5_moe import (
     T5MoeModel,
     T5MoePreTrainedModel,
 )
-from .routing import ROUTERS, NoisyTopKRouter, Router, RouterOutput, TopKRouter, build_router
-from .sparse_moe import SparseMoeBlock
+from .moe_parts import moe_blocks, moe_experts, moe_part_kind, moe_parts, moe_routers
+from .registry import BALANCE_LOSSES, ROUTERS, build_router, register_balance_loss, register_router
+from .routing import NoisyTopKRouter, Router, RouterDecision, RouterNoise, RoutingInputs, TopKRouter
+from .sparse_moe import RouterLosses, RouterLossValues, SparseMoeBlock
 
 __all__ = [
+    "BALANCE_LOSSES",
     "ROUTERS",
+    "Capacity",
     "ExpertActivation",
     "GPT2MoeConfig",
     "GPT2MoeExperts",
@@ -46,7 +53,11 @@ __all__ = [
     "MoeExperts",
     "NoisyTopKRouter",
     "Router",
-    "RouterOutput",
+    "RouterDecision",
+    "RouterLossValues",
+    "RouterLosses",
+    "RouterNoise",
+    "RoutingInputs",
     "SparseMoeBlock",
     "T5MoeConfig",
     "T5MoeEncoderModel",
@@ -57,9 +68,21 @@ __all__ = [
     "T5MoePreTrainedModel",
     "TopKRouter",
     "build_router",
+    "capacity_keep_mask",
     "cv_squared",
+    "expert_capacity",
+    "importance_load_balance_loss",
     "importance_load_loss",
+    "moe_blocks",
+    "moe_experts",
+    "moe_part_kind",
+    "moe_parts",
+    "moe_routers",
     "noisy_top_k_load",
+    "register_balance_loss",
+    "register_router",
     "router_z_loss",
+    "run_experts",
+    "switch_balance_loss",
     "switch_load_balancing_loss",
 ]

@@ -72,7 +72,7 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
         attention = hidden * 3 * hidden + 3 * hidden + hidden * hidden + hidden
         dense_ffn = 2 * hidden * inner + inner + hidden
         one_expert = 2 * hidden * expert_inner + expert_inner + hidden
-        router = self.num_local_experts * hidden * (2 if self.router_type == "noisy_topk" else 1)
+        router = self.router_parameters(hidden)
         num_moe = len(self.moe_layer_indices)
         num_dense = self.n_layer - num_moe
         shared = (

@@ -10,12 +10,19 @@ huggingface_hub and single-dot siblings.
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass
+import re
+import warnings
+from dataclasses import dataclass, fields
 
-ROUTER_TYPES = ("topk", "noisy_topk")
-AUX_LOSS_TYPES = ("switch", "cv_squared")
-DROP_POLICIES = ("position", "probability")
+from .dispatch import CAPACITY_SCOPES, DROP_POLICIES
+from .registry import BALANCE_LOSSES, ROUTERS
+
+__all__ = ["MoeConfigFields", "moe_field_names", "validate_layer_list"]
+
+# words that make an unknown config key look like a misspelt or unsupported MoE setting (see `__post_init__`)
+_MOE_LOOKING = re.compile(r"moe|expert|router|routing|capacity|aux_loss|z_loss|balanc|drop_polic|jitter")
 
 
 @dataclass(kw_only=True)
@@ -24,7 +31,7 @@ class MoeConfigFields:
     num_local_experts: int = 8
     # experts each token is sent to (k of top-k); 1 is Switch routing
     num_experts_per_tok: int = 2
-    # router implementation by registry name: "topk" (token choice) or "noisy_topk" (Shazeer et al. 2017)
+    # router implementation by registry name (`hf_moe.modeling.registry.ROUTERS`): "topk", "noisy_topk", ...
     router_type: str = "topk"
     # renormalize the k combine weights to sum to 1; None: False for k=1 (Switch), True for k>=2 (Mixtral)
     normalize_top_k_weights: bool | None = None
@@ -43,11 +50,15 @@ class MoeConfigFields:
     capacity_factor: float | None = None
     # the same at evaluation / inference; None: dropless
     eval_capacity_factor: float | None = None
+    # a fixed number of slots per expert (per capacity_scope unit), in training and evaluation, instead of a factor
+    expert_capacity: int | None = None
     # lower bound on the per-expert capacity when a capacity factor is set
     min_capacity: int = 4
+    # what a capacity counts over: "batch" (all tokens of a forward) or "sequence" (each sequence, as Switch)
+    capacity_scope: str = "batch"
     # which (token, expert) slots win when an expert overflows: "position" (first choices, then order) or "probability"
     drop_policy: str = "position"
-    # load-balancing loss: "switch" (Fedus et al.) or "cv_squared" (importance + load, Shazeer et al.)
+    # load-balancing loss by registry name (`registry.BALANCE_LOSSES`): "switch" (Fedus et al.), "cv_squared" (Shazeer)
     aux_loss_type: str = "switch"
     # coefficient of the load-balancing loss added to `loss` whenever labels are given
     router_aux_loss_coef: float = 0.01
@@ -77,17 +88,13 @@ class MoeConfigFields:
             self, "router_jitter_noise", "router_logit_noise_std", "router_aux_loss_coef", "router_z_loss_coef"
         )
         _require_numbers(self, "router_init_std", "expert_dropout", "router_temperature")
-        if self.router_type not in ROUTER_TYPES:
-            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
-        if self.aux_loss_type not in AUX_LOSS_TYPES:
-            raise ValueError(f"aux_loss_type must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
+        ROUTERS.entry(self.router_type)
+        BALANCE_LOSSES.entry(self.aux_loss_type)
         if self.unit_combine_weights and self.normalize_top_k_weights:
             raise ValueError(
                 "unit_combine_weights=True combines experts with weight 1; it cannot be combined with "
                 f"normalize_top_k_weights={self.normalize_top_k_weights} (leave that None or False)"
             )
-        if self.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         if not 0.0 <= self.router_jitter_noise < 1.0:
             raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise}")
         for name in ("router_logit_noise_std", "router_aux_loss_coef", "router_z_loss_coef"):
@@ -108,6 +115,42 @@ class MoeConfigFields:
                 raise ValueError(f"{name} must be a finite number > 0, or None for dropless routing; got {value}")
         if self.min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+        if self.expert_capacity is not None:
+            _require_numbers(self, "expert_capacity", integer=True)
+            if self.expert_capacity < 1:
+                raise ValueError(f"expert_capacity must be >= 1 or None, got {self.expert_capacity}")
+            factors = {n: getattr(self, n) for n in ("capacity_factor", "eval_capacity_factor") if getattr(self, n)}
+            if factors:
+                raise ValueError(
+                    f"expert_capacity={self.expert_capacity} fixes the capacity in training and evaluation; it cannot "
+                    f"be combined with {factors} (set those to None, or expert_capacity to None)"
+                )
+        if self.capacity_scope not in CAPACITY_SCOPES:
+            raise ValueError(f"capacity_scope must be one of {CAPACITY_SCOPES}, got {self.capacity_scope!r}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+
+    def __post_init__(self, **kwargs):
+        # transformers configs accept any keyword and keep it as an attribute, so a misspelt MoE field would be stored
+        # and do nothing; warn on unknown keys that look like MoE settings
+        unknown = [n for n in kwargs if n not in type(self).attribute_map and _looks_like_moe_field(n)]
+        if unknown:
+            allowed = moe_field_names()
+            hints = {name: difflib.get_close_matches(name, allowed, n=1, cutoff=0.6) for name in unknown}
+            described = ", ".join(
+                f"{n!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for n, hint in hints.items()
+            )
+            warnings.warn(
+                f"{type(self).__name__} got unknown MoE-looking fields {described}; they are stored but do nothing. "
+                f"The MoE fields are: {', '.join(allowed)}",
+                UserWarning,
+                stacklevel=3,
+            )
+        super().__post_init__(**kwargs)
+
+    def router_parameters(self, hidden_size: int) -> int:
+        """Parameters one MoE layer's router holds (declared by its registry entry)."""
+        return ROUTERS.entry(self.router_type).extra_parameters(self.num_local_experts, hidden_size)
 
     @property
     def normalizes_top_k_weights(self) -> bool:
@@ -115,6 +158,18 @@ class MoeConfigFields:
         if self.normalize_top_k_weights is None:
             return self.num_experts_per_tok > 1
         return self.normalize_top_k_weights
+
+
+def moe_field_names() -> list[str]:
+    """Names of the MoE fields every hf_moe config has (the family adds its MoE layer lists)."""
+    return [field.name for field in fields(MoeConfigFields)]
+
+
+def _looks_like_moe_field(name: str) -> bool:
+    known = moe_field_names()
+    return name not in known and (
+        bool(_MOE_LOOKING.search(name)) or bool(difflib.get_close_matches(name, known, n=1, cutoff=0.8))
+    )
 
 
 def _require_numbers(config, *names: str, integer: bool = False) -> None:

@@ -85,7 +85,7 @@ class T5MoeConfig(MoeConfigFields, T5Config):
         relative_bias = self.relative_attention_num_buckets * self.num_heads  # first block of each stack only
         dense_ffn = ffn_matrices * hidden * self.d_ff
         one_expert = ffn_matrices * hidden * self.expert_intermediate_size
-        router = self.num_local_experts * hidden * (2 if self.router_type == "noisy_topk" else 1)
+        router = self.router_parameters(hidden)
         num_moe = len(self.encoder_moe_layer_indices) + len(self.decoder_moe_layer_indices)
         num_dense = self.num_layers + self.num_decoder_layers - num_moe
         # encoder block: self-attention + FFN, two layer norms; decoder block adds cross-attention and its norm

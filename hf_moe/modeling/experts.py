@@ -16,6 +16,8 @@ Hub portability: this file travels with every saved checkpoint; only torch / tra
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -79,6 +81,9 @@ class ExpertActivation(nn.Module):
 class MoeExperts(nn.Module):
     """E feed-forward experts as 3D parameters; `forward` here is the eager reference implementation."""
 
+    # marks the module for `moe_parts` (found by this text, so copies loaded with trust_remote_code are found too)
+    moe_part: ClassVar[str] = "experts"
+
     def __init__(
         self,
         config,
@@ -95,7 +100,7 @@ class MoeExperts(nn.Module):
         self.num_experts = config.num_local_experts
         self.hidden_dim = hidden_size
         self.intermediate_dim = intermediate_size
-        self.act_fn = ExpertActivation(activation, config.expert_dropout)
+        self.activation = ExpertActivation(activation, config.expert_dropout)
         num_experts, hidden, inner = self.num_experts, hidden_size, intermediate_size
         up_out = 2 * inner if gated else inner
 
@@ -112,6 +117,17 @@ class MoeExperts(nn.Module):
             bias_name = "gate_up_proj_bias" if gated else "up_proj_bias"
             setattr(self, bias_name, nn.Parameter(torch.zeros(num_experts, up_out)))
             self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden))
+
+    @property
+    def act_fn(self):
+        """What every experts kernel calls on the expert hidden activation (transformers' name): the activation and
+        expert dropout, cast to the output projection's dtype. That cast is a no-op unless `_keep_in_fp32_modules`
+        kept `down_proj` in float32 while the rest is float16 (T5); then every kernel's down projection gets matching
+        dtypes, as T5's dense `wo` does."""
+        return self._activate
+
+    def _activate(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.activation(hidden).to(self.down_proj.dtype)
 
     def _linear(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = hidden @ weight if self.is_transposed else hidden @ weight.t()

@@ -1,23 +1,35 @@
 """Router losses as pure functions of tensors.
 
-Shape legend: T tokens (batch x sequence, flattened), E experts, K experts per token.
+Shape legend: T tokens (batch x sequence, flattened), E experts, K expert slots per token.
 `token_mask_T` (optional, any dtype) marks the tokens that count: padding tokens are 0 and are left out of every
-mean, so padding never changes a loss.
+mean, so padding never changes a loss. Expert id E is the sentinel of an unused slot (see `routing.py`): it counts
+towards no expert.
+
+The balance losses a config can name (`aux_loss_type`, `registry.BALANCE_LOSSES`) share one signature,
+`loss(decision, combine_weights_TK, token_mask_T) -> scalar`: the router's decision and the combine weights the
+experts actually used (0 at slots dropped by capacity). The block computes them; the model averages them over layers.
 
 Every loss is computed in float32; callers pass float32 router tensors.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .routing import RouterDecision
 
 __all__ = [
     "accumulation_share",
     "cv_squared",
+    "importance_load_balance_loss",
     "importance_load_loss",
     "mean_over_layers",
     "noisy_top_k_load",
     "router_z_loss",
+    "switch_balance_loss",
     "switch_load_balancing_loss",
 ]
 
@@ -41,13 +53,18 @@ def switch_load_balancing_loss(
     top_k = top_k_index_TK.shape[-1]
     weights_T = _token_weights(num_tokens, token_mask_T, probs_TE.device)
     num_valid = weights_T.sum().clamp_min(1.0)
-    # scatter_add, not bincount: no host sync, and padding tokens add weight 0.
-    assignments_E = torch.zeros(num_experts, dtype=torch.float32, device=probs_TE.device).scatter_add_(
-        0, top_k_index_TK.reshape(-1), weights_T.repeat_interleave(top_k)
-    )
+    assignments_E = _assignments_per_expert(top_k_index_TK, weights_T, num_experts)
     fraction_E = assignments_E / (num_valid * top_k)
     mean_prob_E = (probs_TE.float() * weights_T.unsqueeze(-1)).sum(dim=0) / num_valid
     return num_experts * torch.sum(fraction_E * mean_prob_E)
+
+
+def _assignments_per_expert(top_k_index_TK: torch.Tensor, weights_T: torch.Tensor, num_experts: int) -> torch.Tensor:
+    # scatter_add, not bincount: no host sync, and padding tokens add weight 0; one extra bin takes the sentinel id
+    # of unused slots and is dropped
+    top_k = top_k_index_TK.shape[-1]
+    bins = torch.zeros(num_experts + 1, dtype=torch.float32, device=weights_T.device)
+    return bins.scatter_add_(0, top_k_index_TK.reshape(-1), weights_T.repeat_interleave(top_k))[:num_experts]
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -110,6 +127,40 @@ def router_z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = N
     weights_T = _token_weights(logits_TE.shape[0], token_mask_T, logits_TE.device)
     z_T = torch.logsumexp(logits_TE.float(), dim=-1)
     return (z_T.square() * weights_T).sum() / weights_T.sum().clamp_min(1.0)
+
+
+def switch_balance_loss(
+    decision: RouterDecision, combine_weights_TK: torch.Tensor, token_mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`aux_loss_type="switch"`: the Switch load-balancing loss of a routing decision (dropped slots still count as
+    assignments: the router chose them)."""
+    return switch_load_balancing_loss(decision.routing_probs(), decision.top_k_index_TK, token_mask_T)
+
+
+def importance_load_balance_loss(
+    decision: RouterDecision, combine_weights_TK: torch.Tensor, token_mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`aux_loss_type="cv_squared"`: importance + load (Shazeer et al. 2017) of a routing decision.
+
+    Importance sums the combine weights the experts used. Load is the smooth estimator when the router carries noisy
+    gating's noise (training), else the hard number of (token, expert) assignments, which has no gradient: then only
+    the importance term trains the router.
+    """
+    num_tokens, num_experts = decision.logits_TE.shape
+    index_TK = decision.top_k_index_TK
+    # one extra column takes the sentinel id of unused slots, then is dropped
+    gates_TE = torch.zeros(num_tokens, num_experts + 1, dtype=torch.float32, device=index_TK.device)
+    gates_TE = gates_TE.scatter(1, index_TK, combine_weights_TK.float())[:, :num_experts]
+    if decision.noise is not None:
+        noise = decision.noise
+        load_E = noisy_top_k_load(
+            noise.clean_logits_TE, noise.noisy_logits_TE, noise.noise_std_TE, index_TK.shape[-1], token_mask_T
+        )
+    else:
+        load_E = _assignments_per_expert(
+            index_TK, _token_weights(num_tokens, token_mask_T, index_TK.device), num_experts
+        )
+    return importance_load_loss(gates_TE, load_E, token_mask_T)
 
 
 def mean_over_layers(per_layer_losses: tuple[torch.Tensor, ...] | None) -> torch.Tensor | None:

@@ -1,7 +1,12 @@
 """GPT-2 MoE: transformers' GPT-2 with sparse Mixture-of-Experts feed-forward blocks.
 
 Written as a diff over `transformers.models.gpt2`: the attention, embeddings, heads and generation are GPT-2's; what
-changes is marked "the diff with GPT-2". The language-model loss adds the router losses whenever labels are given.
+changes is marked "the diff with GPT-2". Every method restated from GPT-2 is marked `@restates` with the hash of the
+GPT-2 source it was restated from; a test fails, naming the method, when the installed GPT-2 differs.
+
+The language-model loss adds the router losses whenever labels are given. Outputs follow transformers' tuple order:
+the MoE fields (`aux_loss`, `z_loss`, `router_logits`) are None, so absent from a tuple, unless labels are given or
+`output_router_logits=True`; without labels `[0]` is the logits.
 
 Shape legend: B batch, S sequence, D hidden size, F expert hidden size, E experts, K experts per token.
 
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.integrations import use_experts_implementation
@@ -34,10 +40,11 @@ from transformers.models.gpt2.modeling_gpt2 import (
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ._compat import parent_recorders, restates
 from .configuration_gpt2_moe import GPT2MoeConfig
 from .experts import MoeExperts
 from .losses import accumulation_share, mean_over_layers
-from .moe_pretrained import ROUTER_OUTPUT_RECORDERS, MoePreTrainedMixin
+from .moe_pretrained import ROUTER_OUTPUT_RECORDERS, MoePreTrainedMixin, ask_for_router_losses
 from .sparse_moe import SparseMoeBlock
 
 __all__ = [
@@ -107,6 +114,7 @@ class GPT2MoeBlock(GPT2Block):
             self.mlp = SparseMoeBlock(config, GPT2MoeExperts(config))
             self.mlp_dropout = nn.Dropout(config.resid_pdrop)
 
+    @restates("models.gpt2.modeling_gpt2.GPT2Block.forward", "f64f1ea064fe0b6b")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -116,9 +124,11 @@ class GPT2MoeBlock(GPT2Block):
         encoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = False,
         moe_token_mask: torch.Tensor | None = None,
+        moe_input_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        # GPT-2's block, restated to hand the MoE feed-forward the padding mask (losses and capacity skip padding)
+        # GPT-2's block, restated to hand the MoE feed-forward what routing needs beyond the hidden states: the padding
+        # mask (losses and capacity skip padding) and the token ids (hash routing)
         residual = hidden_states
         hidden_states = self.ln_1(hidden_states)
         attn_output, _ = self.attn(
@@ -145,7 +155,8 @@ class GPT2MoeBlock(GPT2Block):
         residual = hidden_states
         hidden_states = self.ln_2(hidden_states)
         if self.is_moe:
-            feed_forward = self.mlp_dropout(self.mlp(hidden_states, token_mask=moe_token_mask))
+            feed_forward = self.mlp(hidden_states, token_mask=moe_token_mask, input_ids=moe_input_ids)
+            feed_forward = self.mlp_dropout(feed_forward)
         else:
             feed_forward = self.mlp(hidden_states)
         return residual + feed_forward
@@ -155,10 +166,7 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
     config: GPT2MoeConfig
     config_class = GPT2MoeConfig
     _no_split_modules = ["GPT2MoeBlock"]
-    _can_record_outputs = {
-        **GPT2PreTrainedModel._can_record_outputs,
-        **ROUTER_OUTPUT_RECORDERS,
-    }
+    _can_record_outputs = {**parent_recorders(GPT2PreTrainedModel), **ROUTER_OUTPUT_RECORDERS}
 
     _auto_map_heads = {
         "AutoModel": "GPT2MoeModel",
@@ -178,6 +186,7 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
 
 
 class GPT2MoeModel(GPT2MoePreTrainedModel, GPT2Model):
+    @restates("models.gpt2.modeling_gpt2.GPT2Model.__init__", "0318594f09c2deb1")
     def __init__(self, config: GPT2MoeConfig):
         # GPT2Model.__init__ hard-codes GPT2Block, so its body is restated here; the diff: GPT2MoeBlock
         GPT2MoePreTrainedModel.__init__(self, config)
@@ -205,15 +214,16 @@ class GPT2MoeModel(GPT2MoePreTrainedModel, GPT2Model):
         use_cache: bool | None = None,
         **kwargs,
     ) -> GPT2MoeModelOutput | tuple:
+        r"""
+        output_router_balance_losses, output_router_z_losses (`bool`, *optional*):
+            Return every MoE layer's load-balancing / z-loss (the heads ask for them when they compute a loss).
+        """
         return_dict = kwargs.pop("return_dict", getattr(self.config, "return_dict", True))
-        # the diff with GPT-2: the MoE blocks get the padding mask of the new tokens, and every MoE layer's router
-        # losses are recorded (cheap scalars; the heads add them to the loss)
+        # the diff with GPT-2: the MoE blocks get the padding mask and the ids of the new tokens
         moe_token_mask = None
         if attention_mask is not None and attention_mask.ndim == 2:
             new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             moe_token_mask = attention_mask[:, -new_tokens:]
-        kwargs.setdefault("output_router_balance_losses", True)
-        kwargs.setdefault("output_router_z_losses", True)
         outputs = super().forward(
             input_ids,
             cache=cache,
@@ -225,6 +235,7 @@ class GPT2MoeModel(GPT2MoePreTrainedModel, GPT2Model):
             encoder_attention_mask=encoder_attention_mask,
             use_cache=use_cache,
             moe_token_mask=moe_token_mask,
+            moe_input_ids=input_ids,
             return_dict=True,
             **kwargs,
         )
@@ -245,7 +256,8 @@ def _with_router_losses(loss, aux_loss, z_loss, config: GPT2MoeConfig, share) ->
     return loss
 
 
-class GPT2MoeForCausalLM(GPT2MoePreTrainedModel, GPT2LMHeadModel):
+class GPT2MoeForCausalLM(GPT2MoePreTrainedModel, GPT2LMHeadModel, GenerationMixin):
+    @restates("models.gpt2.modeling_gpt2.GPT2LMHeadModel.__init__", "c8db161dc2fc264e")
     def __init__(self, config: GPT2MoeConfig):
         # GPT2LMHeadModel.__init__ builds a dense GPT2Model; the diff: GPT2MoeModel
         GPT2MoePreTrainedModel.__init__(self, config)
@@ -253,6 +265,7 @@ class GPT2MoeForCausalLM(GPT2MoePreTrainedModel, GPT2LMHeadModel):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
+    @restates("models.gpt2.modeling_gpt2.GPT2LMHeadModel.forward", "6a2c3b0db18c6744")
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -276,10 +289,12 @@ class GPT2MoeForCausalLM(GPT2MoePreTrainedModel, GPT2LMHeadModel):
             Next-token labels (shifted inside the model, -100 ignored). With labels, `loss` is the language-model loss
             plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`.
         output_router_logits (`bool`, *optional*):
-            Return every MoE layer's router logits, each of shape `(batch_size * sequence_length, num_experts)`.
+            Return every MoE layer's router logits, each of shape `(batch_size * sequence_length, num_experts)`, and
+            `aux_loss` / `z_loss` also without labels.
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        ask_for_router_losses(self, labels, output_router_logits, kwargs)
         outputs: GPT2MoeModelOutput = self.transformer(
             input_ids,
             cache=cache,
@@ -321,6 +336,7 @@ class GPT2MoeForSequenceClassification(GPT2MoePreTrainedModel, GPT2ForSequenceCl
     # the classification loss is a mean over examples, not normalized by `num_items_in_batch`: let Trainer scale it
     accepts_loss_kwargs = False
 
+    @restates("models.gpt2.modeling_gpt2.GPT2ForSequenceClassification.__init__", "df17ff29bdac102a")
     def __init__(self, config: GPT2MoeConfig):
         # GPT2ForSequenceClassification.__init__ builds a dense GPT2Model; the diff: GPT2MoeModel
         GPT2MoePreTrainedModel.__init__(self, config)
@@ -329,6 +345,7 @@ class GPT2MoeForSequenceClassification(GPT2MoePreTrainedModel, GPT2ForSequenceCl
         self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
         self.post_init()
 
+    @restates("models.gpt2.modeling_gpt2.GPT2ForSequenceClassification.forward", "9b4d38cda8049820")
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -346,6 +363,7 @@ class GPT2MoeForSequenceClassification(GPT2MoePreTrainedModel, GPT2ForSequenceCl
     ) -> GPT2MoeSequenceClassifierOutput:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        ask_for_router_losses(self, labels, output_router_logits, kwargs)
         outputs: GPT2MoeModelOutput = self.transformer(
             input_ids,
             cache=cache,

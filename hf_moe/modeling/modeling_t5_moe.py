@@ -1,7 +1,8 @@
 """T5 MoE: transformers' T5 (v1.0 and v1.1 / Flan-T5) with sparse Mixture-of-Experts feed-forward sublayers.
 
 Written as a diff over `transformers.models.t5`: attention, relative position bias, embeddings, the LM head and
-generation are T5's; what changes is marked "the diff with T5". T5's FFN sublayer is `T5LayerFF` (layer_norm ->
+generation are T5's; what changes is marked "the diff with T5", and every method restated from T5 is marked `@restates`
+with the hash of the T5 source it was restated from (a test fails, naming the method, when the installed T5 differs). T5's FFN sublayer is `T5LayerFF` (layer_norm ->
 DenseReluDense -> dropout -> residual); in an MoE block, DenseReluDense is a sparse MoE block whose experts are E
 copies of T5's FFN, stored as 3D parameters in `nn.Linear` layout (out, in), without biases:
 
@@ -14,7 +15,8 @@ T5 v1.1  "gated-gelu"  gelu(wi_0 x) * wi_1 x -> wo      gate_up_proj (E, 2F, D) 
 Router losses: every MoE layer computes its own balance and z losses on its own routing, padding excluded.
 `aux_loss` / `z_loss` are means over *all* MoE layers of both stacks, so each MoE layer weighs the same whichever stack
 it is in and a coefficient means what it means in the GPT-2 family; `encoder_*` / `decoder_*` are the per-stack means.
-With labels: loss = cross-entropy + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss.
+With labels: loss = cross-entropy + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss. The MoE output
+fields are None unless labels are given or `output_router_logits=True`, so tuples are stock T5's otherwise.
 
 Padding: the encoder's MoE layers skip the tokens `attention_mask` marks as padding; the decoder's skip those
 `decoder_attention_mask` marks or, when it is not given, the positions labelled -100 (how `DataCollatorForSeq2Seq`
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.integrations import use_experts_implementation
@@ -63,10 +66,11 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import ModelOutput
 
+from ._compat import parent_recorders, restates, set_experts_implementation_of_copy, update_parallel_plans
 from .configuration_t5_moe import T5MoeConfig
 from .experts import MoeExperts
 from .losses import accumulation_share, mean_over_layers
-from .moe_pretrained import ROUTER_OUTPUT_RECORDERS, MoePreTrainedMixin
+from .moe_pretrained import ROUTER_OUTPUT_RECORDERS, MoePreTrainedMixin, ask_for_router_losses
 from .sparse_moe import SparseMoeBlock
 
 __all__ = [
@@ -158,6 +162,7 @@ class T5MoeSeq2SeqLMOutput(Seq2SeqMoEOutput):
 class T5MoeLayerFF(T5LayerFF):
     """T5's feed-forward sublayer; its DenseReluDense is a sparse MoE block when `is_moe`."""
 
+    @restates("models.t5.modeling_t5.T5LayerFF.__init__", "b9906be831e8047c")
     def __init__(self, config: T5MoeConfig, is_moe: bool):
         # T5LayerFF.__init__ hard-codes the dense FFN, so its body is restated; the diff: the sparse MoE block
         nn.Module.__init__(self)
@@ -172,10 +177,16 @@ class T5MoeLayerFF(T5LayerFF):
         self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @restates("models.t5.modeling_t5.T5LayerFF.forward", "b7f2c285f08b51b0")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         forwarded_states = self.layer_norm(hidden_states)
         if self.is_moe:
-            forwarded_states = self.DenseReluDense(forwarded_states, token_mask=token_mask)
+            forwarded_states = self.DenseReluDense(forwarded_states, token_mask=token_mask, input_ids=input_ids)
         else:
             forwarded_states = self.DenseReluDense(forwarded_states)
         return hidden_states + self.dropout(forwarded_states)
@@ -196,6 +207,7 @@ def _clamp_inf_in_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
 class T5MoeBlock(T5Block):
     """A T5 block whose FFN sublayer is MoE when its index is in the stack's MoE layer list."""
 
+    @restates("models.t5.modeling_t5.T5Block.__init__", "b8840d8372c24805")
     def __init__(self, config: T5MoeConfig, has_relative_attention_bias: bool = False, layer_idx: int | None = None):
         # T5Block.__init__ hard-codes T5LayerFF, so its body is restated; the diff: T5MoeLayerFF
         nn.Module.__init__(self)
@@ -210,6 +222,7 @@ class T5MoeBlock(T5Block):
             self.layer.append(T5LayerCrossAttention(config, layer_idx=layer_idx))
         self.layer.append(T5MoeLayerFF(config, is_moe=self.is_moe))
 
+    @restates("models.t5.modeling_t5.T5Block.forward", "6ace6334def256c3")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -220,9 +233,11 @@ class T5MoeBlock(T5Block):
         encoder_decoder_position_bias: torch.Tensor | None = None,
         cache: Cache | None = None,
         moe_token_mask: torch.Tensor | None = None,
+        moe_input_ids: torch.Tensor | None = None,
         **kwargs,
     ):
-        # T5's block, restated to hand the FFN sublayer the padding mask (router losses and capacity skip padding)
+        # T5's block, restated to hand the FFN sublayer what routing needs beyond the hidden states: the padding mask
+        # (router losses and capacity skip padding) and the token ids (hash routing)
         hidden_states, self_attn_position_bias, _ = self.layer[0](
             hidden_states, attention_mask=attention_mask, position_bias=position_bias, cache=cache, **kwargs
         )
@@ -240,7 +255,7 @@ class T5MoeBlock(T5Block):
             )
             hidden_states = _clamp_inf_in_fp16(hidden_states)
 
-        hidden_states = self.layer[-1](hidden_states, token_mask=moe_token_mask)
+        hidden_states = self.layer[-1](hidden_states, token_mask=moe_token_mask, input_ids=moe_input_ids)
         return _clamp_inf_in_fp16(hidden_states), self_attn_position_bias, cross_attn_position_bias
 
 
@@ -248,10 +263,9 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
     config: T5MoeConfig
     config_class = T5MoeConfig
     _no_split_modules = ["T5MoeBlock"]
-    _can_record_outputs = {
-        **T5PreTrainedModel._can_record_outputs,
-        **ROUTER_OUTPUT_RECORDERS,
-    }
+    # T5 keeps its FFN output projection `wo` in float32 under float16 loading; the experts' `down_proj` is its copy
+    _keep_in_fp32_modules = ["wo", "experts.down_proj"]
+    _can_record_outputs = {**parent_recorders(T5PreTrainedModel), **ROUTER_OUTPUT_RECORDERS}
 
     _auto_map_heads = {
         "AutoModel": "T5MoeModel",
@@ -279,8 +293,7 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
             unused = config_rules - names
         else:
             unused = config_rules
-        self._ep_plan = {key: style for key, style in self._ep_plan.items() if key not in unused}
-        self._fsdp_plan = {key: style for key, style in self._fsdp_plan.items() if key not in unused}
+        update_parallel_plans(self, keep=lambda rule: rule not in unused)
 
     def set_experts_implementation(self, experts_implementation: str | dict):
         super().set_experts_implementation(experts_implementation)
@@ -288,7 +301,7 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
         # skips sub-models whose config has the model's own class; the experts read their stack's copy, so update it
         for module in self.modules():
             if isinstance(module, PreTrainedModel) and module.config is not self.config:
-                module.config._experts_implementation_internal = self.config._experts_implementation
+                set_experts_implementation_of_copy(module.config, self.config._experts_implementation)
 
 
 def _layer_wildcards(name: str) -> str:
@@ -299,6 +312,7 @@ def _layer_wildcards(name: str) -> str:
 class T5MoeStack(T5MoePreTrainedModel, T5Stack):
     """T5's encoder or decoder stack with MoE blocks."""
 
+    @restates("models.t5.modeling_t5.T5Stack.__init__", "ff626b133fd00ba5")
     def __init__(self, config: T5MoeConfig):
         # T5Stack.__init__ hard-codes T5Block, so its body is restated; the diff: T5MoeBlock
         T5MoePreTrainedModel.__init__(self, config)
@@ -331,15 +345,14 @@ class T5MoeStack(T5MoePreTrainedModel, T5Stack):
         moe_token_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 for the new tokens that count in the router losses and capacity, 0 for padding. Default: the last
             `sequence_length` columns of a 2D `attention_mask`, else every token counts.
+        output_router_balance_losses, output_router_z_losses (`bool`, *optional*):
+            Return every MoE layer's load-balancing / z-loss (the heads ask for them when they compute a loss).
         """
         return_dict = kwargs.pop("return_dict", getattr(self.config, "return_dict", True))
-        # the diff with T5: the MoE blocks get the padding mask of the new tokens, and every MoE layer's router losses
-        # are recorded (cheap scalars; the heads add them to the loss)
+        # the diff with T5: the MoE blocks get the padding mask and the ids of the new tokens
         if moe_token_mask is None and attention_mask is not None and attention_mask.ndim == 2:
             new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             moe_token_mask = attention_mask[:, -new_tokens:]
-        kwargs.setdefault("output_router_balance_losses", True)
-        kwargs.setdefault("output_router_z_losses", True)
         outputs = super().forward(
             input_ids,
             attention_mask=attention_mask,
@@ -349,6 +362,7 @@ class T5MoeStack(T5MoePreTrainedModel, T5Stack):
             cache=cache,
             use_cache=use_cache,
             moe_token_mask=moe_token_mask,
+            moe_input_ids=input_ids,
             return_dict=True,
             **kwargs,
         )
@@ -426,6 +440,7 @@ def _encode_decode(
 
 
 class T5MoeModel(T5MoePreTrainedModel, T5Model):
+    @restates("models.t5.modeling_t5.T5Model.__init__", "75755acd94b1f907")
     def __init__(self, config: T5MoeConfig):
         # T5Model.__init__ builds dense T5Stacks; the diff: T5MoeStack
         T5MoePreTrainedModel.__init__(self, config)
@@ -433,6 +448,7 @@ class T5MoeModel(T5MoePreTrainedModel, T5Model):
         self.encoder, self.decoder = _build_stacks(config)
         self.post_init()
 
+    @restates("models.t5.modeling_t5.T5Model.forward", "a8c93f5303d9961c")
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -451,10 +467,12 @@ class T5MoeModel(T5MoePreTrainedModel, T5Model):
     ) -> T5MoeModelOutput:
         r"""
         output_router_logits (`bool`, *optional*):
-            Return every MoE layer's router logits, each of shape `(batch_size * sequence_length, num_experts)`.
+            Return every MoE layer's router logits, each of shape `(batch_size * sequence_length, num_experts)`, and
+            the router losses.
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        ask_for_router_losses(self, None, output_router_logits, kwargs)
         encoder_outputs, decoder_outputs = _encode_decode(
             self,
             input_ids,
@@ -485,7 +503,8 @@ class T5MoeModel(T5MoePreTrainedModel, T5Model):
         )
 
 
-class T5MoeForConditionalGeneration(T5MoePreTrainedModel, T5ForConditionalGeneration):
+class T5MoeForConditionalGeneration(T5MoePreTrainedModel, T5ForConditionalGeneration, GenerationMixin):
+    @restates("models.t5.modeling_t5.T5ForConditionalGeneration.__init__", "18fadb1e95e99301")
     def __init__(self, config: T5MoeConfig):
         # T5ForConditionalGeneration.__init__ builds dense T5Stacks; the diff: T5MoeStack
         T5MoePreTrainedModel.__init__(self, config)
@@ -495,6 +514,7 @@ class T5MoeForConditionalGeneration(T5MoePreTrainedModel, T5ForConditionalGenera
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
 
+    @restates("models.t5.modeling_t5.T5ForConditionalGeneration.forward", "a24eff1bf1e403c7")
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -518,10 +538,12 @@ class T5MoeForConditionalGeneration(T5MoePreTrainedModel, T5ForConditionalGenera
             `loss` is the cross-entropy plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`, and,
             without a `decoder_attention_mask`, the decoder's MoE layers skip the positions labelled -100.
         output_router_logits (`bool`, *optional*):
-            Return every MoE layer's router logits, each of shape `(batch_size * sequence_length, num_experts)`.
+            Return every MoE layer's router logits, each of shape `(batch_size * sequence_length, num_experts)`, and
+            the router losses also without labels.
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        ask_for_router_losses(self, labels, output_router_logits, kwargs)
         decoder_moe_token_mask = None
         if labels is not None:
             use_cache = False
@@ -557,7 +579,10 @@ class T5MoeForConditionalGeneration(T5MoePreTrainedModel, T5ForConditionalGenera
             num_items_in_batch = kwargs.get("num_items_in_batch")
             # the diff with T5: a sum over labels / `num_items_in_batch` under gradient accumulation (`Trainer`), and
             # the router losses with the configured coefficients
-            loss = fixed_cross_entropy(lm_logits.view(-1, lm_logits.size(-1)), labels.view(-1), num_items_in_batch)
+            # reshape, not view: labels may be a non-contiguous slice (stock T5's view crashes on those)
+            loss = fixed_cross_entropy(
+                lm_logits.reshape(-1, lm_logits.size(-1)), labels.reshape(-1), num_items_in_batch
+            )
             share = accumulation_share(labels.ne(-100).sum(), num_items_in_batch)
             aux_loss, z_loss = router_losses["aux_loss"], router_losses["z_loss"]
             if aux_loss is not None:
@@ -582,6 +607,7 @@ class T5MoeForConditionalGeneration(T5MoePreTrainedModel, T5ForConditionalGenera
 
 
 class T5MoeEncoderModel(T5MoePreTrainedModel, T5EncoderModel):
+    @restates("models.t5.modeling_t5.T5EncoderModel.__init__", "0904acc32e6ecb88")
     def __init__(self, config: T5MoeConfig):
         # T5EncoderModel.__init__ builds a dense T5Stack (on the config itself, edited in place as T5 does); the diff:
         # T5MoeStack
@@ -593,6 +619,7 @@ class T5MoeEncoderModel(T5MoePreTrainedModel, T5EncoderModel):
         self.encoder = T5MoeStack(encoder_config)
         self.post_init()
 
+    @restates("models.t5.modeling_t5.T5EncoderModel.forward", "a5be5559d4173f34")
     @can_return_tuple
     def forward(
         self,
@@ -604,10 +631,12 @@ class T5MoeEncoderModel(T5MoePreTrainedModel, T5EncoderModel):
     ) -> T5MoeEncoderOutput:
         r"""
         output_router_logits (`bool`, *optional*):
-            Return every MoE layer's router logits, each of shape `(batch_size * sequence_length, num_experts)`.
+            Return every MoE layer's router logits, each of shape `(batch_size * sequence_length, num_experts)`, and
+            the router losses.
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
+        ask_for_router_losses(self, None, output_router_logits, kwargs)
         outputs: T5MoeStackOutput = self.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,

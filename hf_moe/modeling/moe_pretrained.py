@@ -9,25 +9,31 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 from transformers import initialization as init
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder
 
-from .routing import NoisyTopKRouter, Router, RouterOutput
-from .sparse_moe import SparseMoeBlock, require_non_reentrant_checkpointing
+from ._compat import PrivateModelHooks, auto_class_hidden
+from .moe_parts import moe_part_kind
+from .routing import Router, RouterDecision
+from .sparse_moe import RouterLosses, RouterLossValues, require_non_reentrant_checkpointing
 
-__all__ = ["ROUTER_OUTPUT_RECORDERS", "MoePreTrainedMixin"]
+__all__ = ["ROUTER_OUTPUT_RECORDERS", "MoePreTrainedMixin", "ask_for_router_losses", "warn_if_router_losses_unused"]
 
-# the router outputs a family's `_can_record_outputs` adds to its dense parent's: what `output_router_logits` returns
-# and what the model's loss collects, captured by transformers' output recorders from every `Router`
+logger = logging.get_logger(__name__)
+
+# the outputs a family's `_can_record_outputs` adds to its dense parent's, captured by transformers' output recorders:
+# every router's logits (what `output_router_logits` returns) and every layer's router losses (what the loss adds)
 ROUTER_OUTPUT_RECORDERS = {
-    "router_logits": OutputRecorder(Router, index=RouterOutput._fields.index("logits_TE")),
-    "router_balance_losses": OutputRecorder(Router, index=RouterOutput._fields.index("balance_loss")),
-    "router_z_losses": OutputRecorder(Router, index=RouterOutput._fields.index("z_loss")),
+    "router_logits": OutputRecorder(Router, index=RouterDecision._fields.index("logits_TE")),
+    "router_balance_losses": OutputRecorder(RouterLosses, index=RouterLossValues._fields.index("balance_loss")),
+    "router_z_losses": OutputRecorder(RouterLosses, index=RouterLossValues._fields.index("z_loss")),
 }
 
 
-class MoePreTrainedMixin:
+class MoePreTrainedMixin(PrivateModelHooks):
     """Put first in the bases of a family's `PreTrainedModel`; set `_auto_map_heads` to the family's heads."""
 
     # Auto class name -> class name in the family's modeling file, written to `auto_map` on save so the folder
@@ -45,12 +51,8 @@ class MoePreTrainedMixin:
         # FSDP2 (expert parallelism) swaps the instance's class for an `FSDP<Name>` subclass defined in torch, so
         # transformers would write `_fsdp_init.FSDP<Name>` into auto_map and copy torch's files instead of ours: save
         # with the wrapper marked as not remote code, then copy the family's modeling files ourselves.
-        wrapper_class = type(self)
-        wrapper_class._auto_class = None  # the wrapper class belongs to this instance alone
-        try:
+        with auto_class_hidden(type(self)):  # the wrapper class belongs to this instance alone
             result = super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            del wrapper_class._auto_class
         if family_class.is_remote_code() and self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
             source_file = sys.modules[family_class.__module__].__file__
             for needed_file in [source_file, *get_relative_import_files(source_file)]:
@@ -75,36 +77,43 @@ class MoePreTrainedMixin:
     def _init_weights(self, module):
         """The dense parent's init, plus the routers and the counters; each family adds its experts' init."""
         super()._init_weights(module)
-        if isinstance(module, SparseMoeBlock):
+        kind = moe_part_kind(module)
+        if kind == "block":
             # the counters are non-persistent buffers: `from_pretrained` allocates them uninitialized (torch.empty)
             # and leaves their values to this method
             for name in module.COUNTERS:
                 init.zeros_(getattr(module, name))
-        elif isinstance(module, Router):
-            init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
-            if isinstance(module, NoisyTopKRouter):
-                init.zeros_(module.noise_weight)  # Shazeer et al.: start from no learned noise preference
-
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        # Registered for Auto classes, the families count as custom code, and transformers then skips every module
-        # whose own (non-recursive) parameters are all initialized: vacuously true of modules with no parameters of
-        # their own, like T5's attention, whose `_init_weights` branch sets q/k/v/o and the relative bias, so they kept
-        # the generic Linear init (std 1.0). That shortcut protects code that writes weights without transformers'
-        # `init` functions; ours only uses them, so the families initialize exactly as the dense models do.
-        super()._initialize_weights(module, is_custom_code=False)
-
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        # transformers caches this answer (is `@use_experts_implementation` in the class's file?) as a class attribute
-        # that subclasses inherit: once a dense parent class was asked (False: no experts there; every dense model's
-        # init asks), each class of the family would read False and silently run eager. So each class answers itself.
-        if "_can_set_experts_implementation_cached_value" not in cls.__dict__:
-            cls._can_set_experts_implementation_cached_value = None
-        return super()._can_set_experts_implementation()
+        elif kind == "router":
+            module.init_weights(self.config.router_init_std)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         if enable:
             require_non_reentrant_checkpointing(gradient_checkpointing_func)
-        if gradient_checkpointing_func is None:
-            return super()._set_gradient_checkpointing(enable=enable, **kwargs)
         return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+
+
+def ask_for_router_losses(model, labels, output_router_logits: bool, kwargs: dict) -> None:
+    """Have the sub-models record the router losses (into `kwargs`) when this forward returns them: with labels (the
+    loss adds them) or with `output_router_logits` (returned as `aux_loss` / `z_loss`, as Mixtral does)."""
+    wanted = labels is not None or bool(output_router_logits)
+    kwargs.setdefault("output_router_balance_losses", wanted)
+    kwargs.setdefault("output_router_z_losses", wanted)
+    if not wanted:
+        warn_if_router_losses_unused(model)
+
+
+def warn_if_router_losses_unused(model) -> None:
+    """Warn once per model when it trains without labels and without returning its router losses: then no loss can
+    hold them (e.g. `Trainer(label_smoothing_factor>0)` pops the labels and computes the loss from the logits)."""
+    config = model.config
+    if not (model.training and torch.is_grad_enabled()) or getattr(model, "_warned_router_losses_unused", False):
+        return
+    if config.router_aux_loss_coef == 0 and config.router_z_loss_coef == 0:
+        return
+    model._warned_router_losses_unused = True
+    logger.warning(
+        f"{type(model).__name__} is training without labels and without output_router_logits, so its router losses "
+        f"(router_aux_loss_coef={config.router_aux_loss_coef}, router_z_loss_coef={config.router_z_loss_coef}) are in "
+        "no loss. With Trainer(label_smoothing_factor>0) or your own loss, use hf_moe.MoeTrainer, or "
+        "compute_loss_func=hf_moe.MoeLoss(model, ...), which add them."
+    )

@@ -1,32 +1,33 @@
-"""The sparse MoE block: router + capacity + experts, and the routing counters the training callbacks read.
+"""The sparse MoE block: router -> dispatch -> experts, the layer's router losses, and the routing counters.
 
-Shape legend: B batch, S sequence, T = B*S tokens, D hidden size, E experts, K experts per token,
-N = T*K (token, expert) slots.
+Shape legend: B batch, S sequence, T = B*S tokens, D hidden size, E experts, K expert slots per token.
 
 ```
-hidden (B,S,D) -> (T,D) -> router -> RouterOutput(logits_TE, top_k_index_TK, top_k_weights_TK, kept_TK, losses)
-                        -> experts(hidden_TD, top_k_index_TK, top_k_weights_TK) -> (T,D) -> (B,S,D)
+hidden (B,S,D) -> RoutingInputs(hidden_TD, B, token_mask_T, input_ids_T)
+   router                         -> RouterDecision(logits_TE, top_k_index_TK, top_k_weights_TK)
+   capacity (dispatch.py)         -> kept_TK or None (dropless)
+   experts on the kept slots      -> out_TD -> (B,S,D)        (a dropped slot adds 0: the residual carries the token)
+   router losses (losses.py)      -> RouterLossValues(balance_loss, z_loss), recorded for the model's loss
+   counters                       += this forward's assignments, drops, entropy, losses
 ```
-With capacity, only the kept slots reach the experts (a dropped slot costs no expert FLOPs and adds 0, so the
-block's residual connection carries the token); finding them is the layer's one host sync.
 
 Hub portability: this file travels with every saved checkpoint; only torch / transformers and single-dot siblings.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar, NamedTuple
+
 import torch
 from torch import nn
 
-from .routing import RouterOutput, build_router
+from ._compat import KeepsFloat32Buffers
+from .dispatch import Capacity, run_experts
+from .losses import router_z_loss
+from .registry import BALANCE_LOSSES, build_router
+from .routing import RouterDecision, RoutingInputs
 
-__all__ = ["SparseMoeBlock", "require_non_reentrant_checkpointing"]
-
-
-def _is_backward_recompute() -> bool:
-    # Gradient checkpointing runs the forward a second time inside backward; counting it again would double every
-    # counter. The autograd engine reports a graph task only while it executes a backward pass.
-    return torch._C._current_graph_task_id() != -1
+__all__ = ["RouterLossValues", "RouterLosses", "SparseMoeBlock", "require_non_reentrant_checkpointing"]
 
 
 def require_non_reentrant_checkpointing(gradient_checkpointing_func) -> None:
@@ -44,17 +45,46 @@ def require_non_reentrant_checkpointing(gradient_checkpointing_func) -> None:
         )
 
 
-class SparseMoeBlock(nn.Module):
-    """Router + experts for one layer, replacing a dense feed-forward.
+class RouterLossValues(NamedTuple):
+    """One layer's router losses (float32 scalars). A tuple, so `OutputRecorder(index=...)` records each."""
 
-    Counters, owned by this block: added to in every forward (training and evaluation, padding tokens excluded),
-    read and reset by `hf_moe`'s training callbacks after logging. They are non-persistent buffers (never in a
-    checkpoint); every one is a sum (`COUNTER_REDUCTION`), so ranks combine them by summing. Under expert parallelism
-    the router is replicated and each rank routes (and counts) only its own batch against global expert ids, so the
-    counters stay full-size (E,) and the sum over the ranks that hold distinct batches is the global count
-    (`hf_moe.parallel.counter_reduce_group`).
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+class RouterLosses(nn.Module):
+    """Computes one layer's router losses from its routing decision: the balance loss `config.aux_loss_type` names
+    (registry) and the ST-MoE z-loss, padding excluded. A module of its own so that transformers' output recorders
+    can collect every layer's losses for the model's loss; it holds no parameters."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.balance_loss = BALANCE_LOSSES.entry(config.aux_loss_type).loss
+
+    def forward(
+        self, decision: RouterDecision, combine_weights_TK: torch.Tensor, token_mask_T: torch.Tensor | None
+    ) -> RouterLossValues:
+        # float32 whatever the autocast dtype, like the routing itself
+        with torch.autocast(device_type=decision.logits_TE.device.type, enabled=False):
+            return RouterLossValues(
+                self.balance_loss(decision, combine_weights_TK, token_mask_T),
+                router_z_loss(decision.logits_TE, token_mask_T),
+            )
+
+
+class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
+    """Router + dispatch + experts for one layer, replacing a dense feed-forward.
+
+    Counters, owned by this block: added to in every forward (training and evaluation, padding tokens excluded;
+    not while activation checkpointing recomputes a forward in backward), read and reset by `hf_moe`'s training
+    callbacks after logging. They are non-persistent float32 buffers (never in a checkpoint, float32 whatever
+    `.to(dtype)` does); every one is a sum (`COUNTER_REDUCTION`), so ranks combine them by summing. Under expert
+    parallelism the router is replicated and each rank routes (and counts) only its own batch against global expert
+    ids, so the counters stay full-size (E,) and the sum over the ranks that hold distinct batches is the global count.
     """
 
+    # marks the module for `moe_parts` (found by this text, so copies loaded with trust_remote_code are found too)
+    moe_part: ClassVar[str] = "block"
     COUNTER_REDUCTION = "sum"
     COUNTERS = (
         "routed_tokens_per_expert",  # (E,) (token, expert) assignments the router made
@@ -65,75 +95,82 @@ class SparseMoeBlock(nn.Module):
         "z_loss_sum",  # () sum over forwards of this layer's z-loss
         "num_forwards",  # () forwards counted
     )
+    float32_buffers = COUNTERS
 
     def __init__(self, config, experts: nn.Module):
         super().__init__()
         self.num_experts = config.num_local_experts
-        self.top_k = config.num_experts_per_tok
         self.router = build_router(config, experts.hidden_dim)
         self.experts = experts
+        self.capacity = Capacity(config)
+        self.losses = RouterLosses(config)
+        # False while activation checkpointing recomputes this layer's forward (see `_compat._PauseCounting`)
+        self.counting = True
         for name in self.COUNTERS:
             shape = (self.num_experts,) if name.endswith("_per_expert") else ()
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32), persistent=False)
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self._is_expert_parallel and self.experts.act_fn.expert_parallel_rank is None:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (B, S, D) or (T, D); `token_mask` and `input_ids` (B, S) or (T,), both optional."""
+        if self._is_expert_parallel and self.experts.activation.expert_parallel_rank is None:
             # expert dropout draws from this rank's own stream (see `ExpertActivation`)
-            self.experts.act_fn.expert_parallel_rank = torch.distributed.get_rank()
+            self.experts.activation.expert_parallel_rank = torch.distributed.get_rank()
         hidden_dim = hidden_states.shape[-1]
-        hidden_TD = hidden_states.reshape(-1, hidden_dim)
-        token_mask_T = None if token_mask is None else token_mask.reshape(-1)
-        routing = self.router(hidden_TD, token_mask_T)
-        weights_TK = routing.top_k_weights_TK.to(hidden_TD.dtype)
-        if routing.kept_TK is None:
-            out_TD = self.experts(hidden_TD, routing.top_k_index_TK, weights_TK)
-        else:
-            out_TD = self._experts_on_kept_slots(hidden_TD, routing.top_k_index_TK, weights_TK, routing.kept_TK)
-        if not _is_backward_recompute():
-            self._count(routing, token_mask_T)
+        inputs = RoutingInputs(
+            hidden_TD=hidden_states.reshape(-1, hidden_dim),
+            num_sequences=hidden_states.shape[0] if hidden_states.dim() == 3 else 1,
+            token_mask_T=None if token_mask is None else token_mask.reshape(-1),
+            input_ids_T=None if input_ids is None else input_ids.reshape(-1),
+        )
+        decision = self.router(inputs)
+        kept_TK = self.capacity.keep_mask(decision, inputs, self.training, self.router.leaves_slots_unused)
+        weights_TK = decision.top_k_weights_TK if kept_TK is None else decision.top_k_weights_TK * kept_TK
+        out_TD = run_experts(
+            self.experts,
+            inputs.hidden_TD,
+            decision.top_k_index_TK,
+            weights_TK.to(inputs.hidden_TD.dtype),
+            kept_TK,
+            always_call=self._is_expert_parallel,
+        )
+        losses = self.losses(decision, weights_TK, inputs.token_mask_T)
+        if self.counting:
+            self._count(decision, kept_TK, inputs.token_mask_T, losses)
         return out_TD.view_as(hidden_states)
 
-    def _experts_on_kept_slots(
-        self,
-        hidden_TD: torch.Tensor,
-        top_k_index_TK: torch.Tensor,
-        weights_TK: torch.Tensor,
-        kept_TK: torch.Tensor,
-    ) -> torch.Tensor:
-        """Run the experts on the kept (token, expert) slots only, as top-1 rows, and sum them back per token."""
-        num_tokens, top_k = top_k_index_TK.shape
-        kept_slots_N = kept_TK.reshape(-1).nonzero().squeeze(-1)  # the layer's one host sync
-        out_ND = hidden_TD.new_zeros(num_tokens * top_k, hidden_TD.shape[-1])
-        # under expert parallelism the experts' all-to-all is a collective: every rank joins it, kept slots or not
-        if kept_slots_N.numel() > 0 or self._is_expert_parallel:
-            out_kept = self.experts(
-                hidden_TD[kept_slots_N // top_k],
-                top_k_index_TK.reshape(-1, 1)[kept_slots_N],
-                weights_TK.reshape(-1, 1)[kept_slots_N],
-            )
-            out_ND = out_ND.index_put((kept_slots_N,), out_kept.to(out_ND.dtype))
-        # reshape + sum rather than index_add_: deterministic on GPU
-        return out_ND.view(num_tokens, top_k, -1).sum(dim=1)
-
     @torch.no_grad()
-    def _count(self, routing: RouterOutput, token_mask_T: torch.Tensor | None) -> None:
-        num_tokens, top_k = routing.top_k_index_TK.shape
+    def _count(
+        self,
+        decision: RouterDecision,
+        kept_TK: torch.Tensor | None,
+        token_mask_T: torch.Tensor | None,
+        losses: RouterLossValues,
+    ) -> None:
+        num_tokens, top_k = decision.top_k_index_TK.shape
+        device = decision.logits_TE.device
         if token_mask_T is None:
-            token_weights_T = torch.ones(num_tokens, device=routing.logits_TE.device)
+            token_weights_T = torch.ones(num_tokens, device=device)
         else:
-            token_weights_T = token_mask_T.to(device=routing.logits_TE.device, dtype=torch.float32)
-        slot_weights_N = token_weights_T.repeat_interleave(top_k)
-        expert_N = routing.top_k_index_TK.reshape(-1)
+            token_weights_T = token_mask_T.to(device=device, dtype=torch.float32)
+        expert_N = decision.top_k_index_TK.reshape(-1)
+        # unused slots (sentinel id E) count for no expert
+        slot_weights_N = token_weights_T.repeat_interleave(top_k) * (expert_N < self.num_experts)
+        expert_N = expert_N.clamp(max=self.num_experts - 1)
         self.routed_tokens_per_expert.scatter_add_(0, expert_N, slot_weights_N)
-        if routing.kept_TK is not None:
-            dropped_N = (~routing.kept_TK.reshape(-1)).float() * slot_weights_N
+        if kept_TK is not None:
+            dropped_N = (~kept_TK.reshape(-1)).float() * slot_weights_N
             self.dropped_tokens_per_expert.scatter_add_(0, expert_N, dropped_N)
-        log_probs_TE = torch.log_softmax(routing.logits_TE, dim=-1)
+        log_probs_TE = torch.log_softmax(decision.logits_TE, dim=-1)
         entropy_T = -(log_probs_TE.exp() * log_probs_TE).sum(dim=-1)
         self.router_entropy_sum += (entropy_T * token_weights_T).sum()
         self.num_tokens += token_weights_T.sum()
-        self.balance_loss_sum += routing.balance_loss.detach()
-        self.z_loss_sum += routing.z_loss.detach()
+        self.balance_loss_sum += losses.balance_loss.detach()
+        self.z_loss_sum += losses.z_loss.detach()
         self.num_forwards += 1
 
     @property

@@ -13,6 +13,9 @@ import zlib
 import torch
 from torch import nn
 
+from ..modeling._compat import local_shard_offset
+from ..modeling.moe_parts import moe_experts
+
 __all__ = ["reset_experts_"]
 
 
@@ -22,9 +25,7 @@ def reset_experts_(model: nn.Module, seed: int) -> None:
 
     Works on a single-process model and on an expert-parallel one (each rank writes its own experts' rows).
     """
-    for name, module in model.named_modules():
-        if not (hasattr(module, "down_proj") and hasattr(module, "act_fn") and hasattr(module, "num_experts")):
-            continue
+    for name, module in moe_experts(model):
         owner = _owning_pretrained_model(model, name)
         # a full-size twin of this module, built on one process and initialized by the family's `_init_weights`
         twin_config = _config_without_layout(owner.config)
@@ -44,9 +45,7 @@ def _copy_my_rows(param: torch.Tensor, full: torch.Tensor) -> None:
     if not isinstance(param, DTensor):
         param.copy_(full.to(param.dtype))
         return
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    shape, offset = local_shard_offset(param, param.shape)
     rows = tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))
     param.to_local().copy_(full[rows].to(param.dtype))
 

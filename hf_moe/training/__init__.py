@@ -4,10 +4,17 @@ Depends on `hf_moe.modeling` only (through the MoE blocks' counters and the rout
 """
 
 from .callbacks import LoadBalanceCallback
-from .load_balance import CounterAccumulator, collect_moe_metrics, layer_metrics, metrics_from_counts, moe_blocks
+from .load_balance import (
+    CounterAccumulator,
+    collect_moe_metrics,
+    counter_reduce_group,
+    layer_metrics,
+    metrics_from_counts,
+    moe_blocks,
+)
+from .moe_loss import MoeLoss
 from .optimizers import (
     MOE_OPTIMIZER_PRESETS,
-    MoeTrainer,
     apply_moe_preset,
     classify_moe_parameters,
     create_moe_optimizer,
@@ -17,6 +24,7 @@ from .perplexity import perplexity
 from .plots import history_from_log_history, save_load_balance_plots
 from .schedules import DenseToSparseCallback, anneal
 from .sharded_checkpoint import ShardedCheckpointMixin
+from .trainer import MoeTrainer
 
 
 def __getattr__(name: str):
@@ -33,6 +41,7 @@ __all__ = [
     "CounterAccumulator",
     "DenseToSparseCallback",
     "LoadBalanceCallback",
+    "MoeLoss",
     "MoeTrainer",
     "RouterBalance",
     "ShardedCheckpointMixin",
@@ -40,6 +49,7 @@ __all__ = [
     "apply_moe_preset",
     "classify_moe_parameters",
     "collect_moe_metrics",
+    "counter_reduce_group",
     "create_moe_optimizer",
     "history_from_log_history",
     "layer_metrics",

@@ -1,51 +1,27 @@
 """`LoadBalanceCallback`: per-layer router metrics in the Trainer logs, TensorBoard and pictures.
 
 How the metrics reach the reporting integrations: `Trainer.log` appends a copy of `logs` to `state.log_history` and
-then calls every callback's `on_log` in list order, where the user's callbacks come after the reporting ones
-(TensorBoard, W&B, ...). A callback appended there adds its metrics after those integrations have written the
-step. So at `on_init_end` / `on_train_begin` the callback finds the `CallbackHandler` that is calling it and moves
-itself to the front of its list; its `on_log` then adds the metrics to the shared `logs` dict before any
-integration reads it, and to the `log_history` entry just appended. At `on_train_end`, being first also means the
+then calls every callback's `on_log` in list order. The callback adds its metrics to the shared `logs` dict (and to the
+`log_history` entry just appended), so every callback after it sees them. `Trainer(callbacks=[...])` puts user
+callbacks after the reporting ones (TensorBoard, W&B, ...), which would then miss them; callbacks get no handle on the
+Trainer through public API, so the callback cannot move itself. Hence `attach_to(trainer)` puts it first, and
+`MoeTrainer` does that for every `LoadBalanceCallback` it is given. Being first also means, at `on_train_end`, the
 TensorBoard writer is still open for the pictures.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
 
-from .load_balance import CounterAccumulator, layer_metrics, metrics_from_counts, moe_blocks
+from .load_balance import CounterAccumulator, counter_reduce_group, layer_metrics, metrics_from_counts, moe_blocks
 
-__all__ = ["LoadBalanceCallback", "find_callback_handler", "move_callback_to_front"]
+__all__ = ["LoadBalanceCallback"]
 
 logger = logging.getLogger(__name__)
-
-
-def find_callback_handler(max_depth: int = 8) -> CallbackHandler | None:
-    """The `CallbackHandler` dispatching the event that is running now (found on the call stack), or None."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, CallbackHandler):
-                return owner
-        return None
-    finally:
-        del frame  # frames in locals make reference cycles
-
-
-def move_callback_to_front(handler: CallbackHandler, callback: TrainerCallback) -> None:
-    """Put `callback` first in `handler`'s list, so its `on_log` runs before the reporting integrations'."""
-    # a new list, not an in-place move: the handler may be iterating over the old one right now
-    handler.callbacks = [callback] + [cb for cb in handler.callbacks if cb is not callback]
 
 
 def _eval_prefix(logs: dict) -> str | None:
@@ -59,6 +35,10 @@ def _eval_prefix(logs: dict) -> str | None:
 
 class LoadBalanceCallback(TrainerCallback):
     """Adds router load-balance metrics to every Trainer log, training and evaluation, from the MoE blocks' counters.
+
+    Add it with `callback.attach_to(trainer)` (first in the Trainer's list, so TensorBoard / W&B get its metrics in the
+    same step) or through `MoeTrainer(callbacks=[...])`, which does that; in a plain `Trainer(callbacks=[...])` the
+    metrics reach `state.log_history` and the callbacks after it, but not the reporting integrations before it.
 
     Training logs get `moe/layer_{i:02d}/{name}` and `moe/{name}` (see `hf_moe.training.load_balance.layer_metrics`
     for the names), counted over the steps since the previous log; evaluation logs get the same under
@@ -76,25 +56,18 @@ class LoadBalanceCallback(TrainerCallback):
         self.save_plots = save_plots
         # one entry per training log: {"step", "token_fraction" (L lists of E floats), "load_imbalance" (L floats)}
         self.history: list[dict] = []
-        self._handler: CallbackHandler | None = None
+        self._handler = None  # the Trainer's CallbackHandler, once attached
         self._train: CounterAccumulator | None = None
         self._eval: CounterAccumulator | None = None
-        self._warned = False
 
     # ---- placement and binding ----
-    def _take_front_seat(self) -> None:
-        handler = find_callback_handler()
-        if handler is None:
-            if not self._warned:
-                logger.warning(
-                    "LoadBalanceCallback could not find the Trainer's callback handler: its metrics reach "
-                    "state.log_history but may miss reporting integrations that run before it."
-                )
-                self._warned = True
-            return
+    def attach_to(self, trainer) -> LoadBalanceCallback:
+        """Add this callback to `trainer` as its first callback (moving it there if already added); returns it."""
+        handler = trainer.callback_handler
+        # a new list, not an in-place move: the handler may be iterating over the old one right now
+        handler.callbacks = [self] + [callback for callback in handler.callbacks if callback is not self]
         self._handler = handler
-        if handler.callbacks[0] is not self:
-            move_callback_to_front(handler, self)
+        return self
 
     def _bind(self, model) -> None:
         blocks = [block for _, block in moe_blocks(model)] if model is not None else []
@@ -103,14 +76,13 @@ class LoadBalanceCallback(TrainerCallback):
             return
         if not blocks:
             logger.warning("LoadBalanceCallback: the model has no MoE blocks; nothing will be logged.")
-        self._train, self._eval = CounterAccumulator(blocks), CounterAccumulator(blocks)
+        group = counter_reduce_group(model) if model is not None else None
+        self._train, self._eval = CounterAccumulator(blocks, group), CounterAccumulator(blocks, group)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        self._take_front_seat()
         self._bind(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._take_front_seat()  # again: the callback may have been added with trainer.add_callback after init
         self._bind(model)
         # what the blocks counted before training (a manual forward, an evaluation) is not training load
         self._train.harvest()
@@ -186,7 +158,7 @@ class LoadBalanceCallback(TrainerCallback):
 
     # ---- pictures ----
     def tensorboard_writer(self):
-        """The open `SummaryWriter` of the Trainer's TensorBoard callback, if it has one."""
+        """The open `SummaryWriter` of the Trainer's TensorBoard callback, if it has one (known once attached)."""
         if self._handler is None:
             return None
         for callback in self._handler.callbacks:

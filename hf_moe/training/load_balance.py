@@ -4,9 +4,16 @@ Shape legend: L MoE layers (blocks, in module order), E experts of a layer.
 
 Who owns what: each `SparseMoeBlock` adds to its counters in every forward; a `CounterAccumulator` moves them into
 its own float64 totals and zeroes them ("harvest"), sums the totals over data-parallel ranks when asked for metrics,
-and starts a new window. The metric functions here are pure: counts in, floats out.
+and starts a new window. That sum is the one way counters are reduced across ranks. The metric functions here are
+pure: counts in, floats out.
 
-Metric names are stable (DESIGN.md): `moe/layer_{i:02d}/{name}` with `i` the block's position among the model's
+Under expert parallelism each block counts the (token, expert) assignments of the tokens *its rank routed*, against
+global expert ids (the router is replicated; only the experts are split). With the layouts GPT-2 / T5 MoE support
+(`tp_size=1`, `pp_size=1`) every rank routes a distinct batch, so the sum over all ranks is the global count: the same
+numbers one process counts on the concatenated micro-batches. The experts' all-to-all does not touch the counters,
+so the experts' owner never counts a token again (`counter_reduce_group`).
+
+Metric names are stable: `moe/layer_{i:02d}/{name}` with `i` the block's position among the model's
 MoE blocks in module order (for T5: the encoder's blocks, then the decoder's), plus model-wide `moe/{name}`.
 """
 
@@ -15,12 +22,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..modeling.sparse_moe import SparseMoeBlock
+from ..modeling._compat import mesh_data_parallel_group
+from ..modeling.moe_parts import moe_blocks
 
 __all__ = [
     "CounterAccumulator",
+    "counter_reduce_group",
     "collect_moe_metrics",
     "layer_metrics",
     "metrics_from_counts",
@@ -29,18 +39,18 @@ __all__ = [
 ]
 
 
-def _is_moe_block(module: nn.Module) -> bool:
-    # A checkpoint loaded with trust_remote_code brings its own copy of sparse_moe.py, whose class is not hf_moe's:
-    # recognize the block by its counter contract as well as by class.
-    return isinstance(module, SparseMoeBlock) or (
-        isinstance(getattr(type(module), "COUNTERS", None), tuple)
-        and callable(getattr(module, "reset_counters", None))
-    )
-
-
-def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's MoE blocks as (qualified name, block), in module order; index i is `moe/layer_{i:02d}`."""
-    return [(name, module) for name, module in model.named_modules() if _is_moe_block(module)]
+def counter_reduce_group(model: nn.Module):
+    """The process group over which to sum routing counters: `None` (the default group) when every rank routes its
+    own batch, the data-parallel group when ranks share batches (tensor parallelism, for models that have it)."""
+    distributed_config = getattr(getattr(model, "config", None), "distributed_config", None)
+    if distributed_config is None or not dist.is_initialized():
+        return None
+    if distributed_config.tp_size == 1 and distributed_config.pp_size == 1:
+        return None
+    if distributed_config.pp_size > 1:
+        raise NotImplementedError("routing counters under pipeline parallelism: each stage holds different layers")
+    # ranks of a TP group share one batch: sum over the ranks holding distinct batches only
+    return mesh_data_parallel_group(model)
 
 
 class CounterAccumulator:
@@ -53,8 +63,9 @@ class CounterAccumulator:
     the per-rank totals live here, outside the module, until `reduce_and_reset` sums them with `all_reduce`.
     """
 
-    def __init__(self, blocks: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], group=None):
         self.blocks = blocks
+        self.group = group  # the process group to sum over (`counter_reduce_group`); None: the default group
         # per block, per counter: (offset, size) in the flat totals vector, so one all_reduce serves every layer
         self.layout: list[dict[str, tuple[int, int]]] = []
         offset = 0
@@ -87,9 +98,8 @@ class CounterAccumulator:
         rank, so a callback's `on_log` qualifies.
         """
         totals = self.totals.clone()
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.group)
         self.reset()
         totals = totals.cpu()  # the one host sync of a logging step
         return [
@@ -178,6 +188,6 @@ def collect_moe_metrics(model: nn.Module, prefix: str = "moe", per_expert: bool 
     every rank). Under DDP with `broadcast_buffers=True`, counts older than the last forward are rank 0's only; use
     `LoadBalanceCallback` (or harvest a `CounterAccumulator` after every micro-batch) to count every rank.
     """
-    accumulator = CounterAccumulator([block for _, block in moe_blocks(model)])
+    accumulator = CounterAccumulator([block for _, block in moe_blocks(model)], counter_reduce_group(model))
     accumulator.harvest()
     return metrics_from_counts(accumulator.reduce_and_reset(), prefix=prefix, per_expert=per_expert)

@@ -12,7 +12,8 @@
   A preset only freezes (requires_grad=False); it never unfreezes what the user froze.
 
 With a plain `Trainer`: `Trainer(..., optimizers=(create_moe_optimizer(model, args, preset=...), None))`, or use
-`MoeTrainer(..., moe_preset=..., expert_lr_scale=...)`, which builds the same optimizer in `create_optimizer`.
+`MoeTrainer(..., moe_preset=..., expert_lr_scale=...)` (`trainer.py`), which builds the same optimizer in
+`create_optimizer`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .sharded_checkpoint import ShardedCheckpointMixin
+from ..modeling._compat import decay_parameter_names
+from ..modeling.moe_parts import moe_experts, moe_part_kind
 
 __all__ = [
     "MOE_OPTIMIZER_PRESETS",
-    "MoeTrainer",
     "apply_moe_preset",
     "classify_moe_parameters",
     "create_moe_optimizer",
@@ -44,23 +45,14 @@ _TRAINED_KINDS = {
 }
 
 
-def _is_instance_by_name(module: nn.Module, class_name: str) -> bool:
-    # By class name along the MRO, not isinstance: a checkpoint loaded with trust_remote_code brings its own copies
-    # of hf_moe's modeling classes (same names, different class objects).
-    return any(cls.__name__ == class_name for cls in type(module).__mro__)
+_PARAMETER_KINDS = {"experts": "experts", "router": "routers"}
 
 
 def classify_moe_parameters(model: nn.Module) -> dict[str, str]:
-    """Every parameter name of `model` -> "experts" (in a `MoeExperts`), "routers" (in a `Router`) or "other"."""
+    """Every parameter name of `model` -> "experts" (in MoE experts), "routers" (in a router) or "other"."""
     kinds: dict[str, str] = {}
     for module_name, module in model.named_modules():
-        kind = (
-            "experts"
-            if _is_instance_by_name(module, "MoeExperts")
-            else "routers"
-            if _is_instance_by_name(module, "Router")
-            else None
-        )
+        kind = _PARAMETER_KINDS.get(moe_part_kind(module))
         if kind is None:
             continue
         for param_name, _ in module.named_parameters():
@@ -95,18 +87,11 @@ def _expert_scales(model: nn.Module, expert_lr_scale: float | str) -> dict[str, 
     if not isinstance(expert_lr_scale, str) and not expert_lr_scale > 0:
         raise ValueError(f"expert_lr_scale must be > 0, got {expert_lr_scale}")
     scales = {}
-    for module_name, module in model.named_modules():
-        if _is_instance_by_name(module, "MoeExperts"):
-            scale = math.sqrt(module.num_experts) if expert_lr_scale == "sqrt_num_experts" else float(expert_lr_scale)
-            for param_name, _ in module.named_parameters():
-                scales[f"{module_name}.{param_name}" if module_name else param_name] = scale
+    for module_name, module in moe_experts(model):
+        scale = math.sqrt(module.num_experts) if expert_lr_scale == "sqrt_num_experts" else float(expert_lr_scale)
+        for param_name, _ in module.named_parameters():
+            scales[f"{module_name}.{param_name}" if module_name else param_name] = scale
     return scales
-
-
-def _decay_parameter_names(model: nn.Module) -> set[str]:
-    # Trainer's own rule (no decay for biases and norms), so the groups match what Trainer would have built;
-    # the method does not use the Trainer instance
-    return set(Trainer.get_decay_parameter_names(None, model))
 
 
 def moe_param_groups(
@@ -128,7 +113,8 @@ def moe_param_groups(
         raise ValueError(f"router_lr_scale must be > 0, got {router_lr_scale}")
     kinds = classify_moe_parameters(model)
     expert_scales = _expert_scales(model, expert_lr_scale)
-    decay_names = _decay_parameter_names(model)
+    # Trainer's own rule (no decay for biases and norms), so the groups match what Trainer would have built
+    decay_names = set(decay_parameter_names(model))
     router_decay = weight_decay if router_weight_decay is None else router_weight_decay
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
@@ -173,36 +159,3 @@ def create_moe_optimizer(
     )
     optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "lr"}  # each group has its own lr
     return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
-
-
-class MoeTrainer(ShardedCheckpointMixin, Trainer):
-    """`Trainer` whose optimizer uses the MoE presets and parameter groups (see `create_moe_optimizer`), and whose
-    checkpoints of an expert-parallel model (sharded at load time) can resume (see `ShardedCheckpointMixin`).
-
-    The preset is applied in `__init__`, before Trainer wraps the model for distributed training, so frozen
-    parameters are neither all-reduced nor handed to the optimizer.
-    """
-
-    def __init__(
-        self,
-        *args,
-        moe_preset: str = "all",
-        expert_lr_scale: float | Literal["sqrt_num_experts"] = 1.0,
-        router_lr_scale: float = 1.0,
-        router_weight_decay: float | None = None,
-        **kwargs,
-    ):
-        _check_preset(moe_preset)
-        super().__init__(*args, **kwargs)
-        self.moe_preset = moe_preset
-        self.moe_optimizer_kwargs = dict(
-            expert_lr_scale=expert_lr_scale, router_lr_scale=router_lr_scale, router_weight_decay=router_weight_decay
-        )
-        apply_moe_preset(self.model, moe_preset)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            self.optimizer = create_moe_optimizer(
-                self.model if model is None else model, self.args, preset=self.moe_preset, **self.moe_optimizer_kwargs
-            )
-        return self.optimizer

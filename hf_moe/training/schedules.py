@@ -14,6 +14,8 @@ import math
 from torch import nn
 from transformers import TrainerCallback
 
+from ..modeling.moe_parts import moe_routers
+
 __all__ = ["SCHEDULES", "DenseToSparseCallback", "anneal"]
 
 logger = logging.getLogger(__name__)
@@ -38,8 +40,7 @@ def anneal(start: float, end: float, progress: float, schedule: str = "exponenti
 
 
 def _routers(model: nn.Module) -> list[nn.Module]:
-    # by class name: a trust_remote_code checkpoint brings its own copy of the Router class
-    return [m for m in model.modules() if any(c.__name__ == "Router" for c in type(m).__mro__)]
+    return [router for _, router in moe_routers(model)]
 
 
 class DenseToSparseCallback(TrainerCallback):
@@ -102,10 +103,6 @@ class DenseToSparseCallback(TrainerCallback):
             router.temperature = temperature
             if top_k is not None:
                 router.top_k = top_k
-        if top_k is not None:
-            for module in model.modules():
-                if hasattr(type(module), "COUNTERS"):  # the MoE block keeps its own copy of top_k
-                    module.top_k = top_k
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._total_steps = self.num_steps or state.max_steps

@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers.trainer import SCHEDULER_NAME
 
+from ..modeling._compat import require_trainer_checkpoint_hooks
+
 __all__ = [
     "SHARDED_STATE_DIR",
     "ShardedCheckpointMixin",
@@ -35,6 +37,9 @@ __all__ = [
 ]
 
 SHARDED_STATE_DIR = "sharded_state"
+
+# the mixin overrides private Trainer methods: fail at import, naming the method, if they changed
+require_trainer_checkpoint_hooks()
 
 
 def _is_sharded_at_load(model: nn.Module | None) -> bool:

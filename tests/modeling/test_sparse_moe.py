@@ -7,6 +7,7 @@ import torch
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from hf_moe.modeling.modeling_gpt2_moe import GPT2MoeExperts
+from hf_moe.modeling.routing import RoutingInputs
 from hf_moe.modeling.sparse_moe import SparseMoeBlock
 from tests.conftest import tiny_gpt2_moe_config
 
@@ -21,6 +22,12 @@ def make_block(implementation="grouped_mm", **overrides) -> SparseMoeBlock:
     for name, param in block.experts.named_parameters():
         torch.nn.init.normal_(param, std=0.3 if "bias" not in name else 0.1)
     return block.eval()
+
+
+def kept_slots(block: SparseMoeBlock, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's keep mask for `hidden` (B, S, D), as its forward computes it."""
+    inputs = RoutingInputs(hidden.reshape(-1, 32), hidden.shape[0], None if mask is None else mask.reshape(-1), None)
+    return block.capacity.keep_mask(block.router(inputs), inputs, block.training, block.router.leaves_slots_unused)
 
 
 def dense_mlp_like(block: SparseMoeBlock) -> GPT2MLP:
@@ -67,9 +74,10 @@ def test_copies_of_one_mlp_with_normalized_weights_equal_dense(implementation, t
 def test_copies_still_give_the_router_a_gradient_through_the_losses():
     block = make_block(num_experts_per_tok=2).train()
     dense_mlp_like(block)
-    hidden_TD = torch.randn(24, 32)
-    routing = block.router(hidden_TD)
-    (routing.balance_loss + routing.z_loss).backward()
+    inputs = RoutingInputs(torch.randn(24, 32))
+    decision = block.router(inputs)
+    losses = block.losses(decision, decision.top_k_weights_TK, None)
+    (losses.balance_loss + losses.z_loss).backward()
     assert block.router.weight.grad.abs().sum() > 0
 
 
@@ -93,8 +101,7 @@ def test_dropped_tokens_get_zero_and_kept_tokens_are_unchanged(implementation):
     capped = make_block(implementation, num_experts_per_tok=1, eval_capacity_factor=0.5, min_capacity=1)
     capped.load_state_dict(dropless.state_dict())
     hidden = torch.randn(1, 40, 32)
-    routing = capped.router(hidden.reshape(-1, 32))
-    kept_T = routing.kept_TK.squeeze(-1)
+    kept_T = kept_slots(capped, hidden).squeeze(-1)
     assert 0 < kept_T.sum() < 40, "the test needs some tokens dropped and some kept"
     out_capped, out_dropless = capped(hidden).reshape(40, 32), dropless(hidden).reshape(40, 32)
     assert (out_capped[~kept_T] == 0).all()
@@ -106,7 +113,7 @@ def test_dropped_slots_cost_no_expert_flops():
     rows_seen = []
     block.experts.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
     hidden = torch.randn(1, 32, 32)
-    kept = block.router(hidden.reshape(-1, 32)).kept_TK
+    kept = kept_slots(block, hidden)
     block(hidden)
     assert rows_seen == [int(kept.sum())] and rows_seen[0] < 64
 
@@ -124,11 +131,13 @@ def test_counters_count_assignments_drops_and_reset():
     hidden = torch.randn(2, 10, 32)
     mask = torch.ones(2, 10)
     mask[1, 6:] = 0  # 4 padding tokens
+    torch.manual_seed(3)
     block(hidden, token_mask=mask)
-    routing = block.router(hidden.reshape(-1, 32), mask.reshape(-1))
+    torch.manual_seed(3)
+    kept_TK = kept_slots(block, hidden, mask)
     assert block.routed_tokens_per_expert.sum().item() == 16 * 2
     valid_slots_TK = mask.reshape(-1, 1).bool().expand(-1, 2)
-    expected_dropped = (~routing.kept_TK & valid_slots_TK).sum().item()
+    expected_dropped = (~kept_TK & valid_slots_TK).sum().item()
     assert block.dropped_tokens_per_expert.sum().item() == expected_dropped
     assert block.num_tokens.item() == 16 and block.num_forwards.item() == 1
     assert block.router_entropy_sum.item() > 0

@@ -221,7 +221,9 @@ def test_padding_does_not_change_the_router_losses():
     decoder_input_ids = model._shift_right(padded["labels"])
     decoder_mask = padded["labels"].ne(-100).long()
     with torch.no_grad():
-        masked = model(padded["input_ids"], padded["attention_mask"], decoder_input_ids, decoder_mask)
+        masked = model(
+            padded["input_ids"], padded["attention_mask"], decoder_input_ids, decoder_mask, output_router_logits=True
+        )
     torch.testing.assert_close(masked.decoder_aux_loss, plain.decoder_aux_loss, atol=1e-6, rtol=1e-5)
 
 
@@ -332,12 +334,13 @@ def test_save_load_round_trip_is_exact_through_every_auto_class(feed_forward_pro
         assert torch.equal(loaded(**batch).logits, expected.logits)
         encoder = AutoModelForTextEncoding.from_pretrained(tmp_path).eval()
         assert type(encoder) is T5MoeEncoderModel
-        encoded = encoder(batch["input_ids"])
+        encoded = encoder(batch["input_ids"], output_router_logits=True)
         assert torch.equal(encoded.last_hidden_state, expected.encoder_last_hidden_state)
         torch.testing.assert_close(encoded.aux_loss, expected.encoder_aux_loss)
         base = AutoModel.from_pretrained(tmp_path).eval()
         decoder_input_ids = model._shift_right(batch["labels"])
-        assert torch.equal(base(batch["input_ids"], decoder_input_ids=decoder_input_ids).aux_loss, expected.aux_loss)
+        base_out = base(batch["input_ids"], decoder_input_ids=decoder_input_ids, output_router_logits=True)
+        assert torch.equal(base_out.aux_loss, expected.aux_loss)
 
 
 # Runs in a fresh interpreter in which any import of hf_moe fails, as on a machine where it is not installed.
@@ -415,36 +418,45 @@ def dropped_slots(model) -> float:
 
 
 @pytest.mark.parametrize(
-    ("expert_capacity", "sequence_length", "batch", "tie_word_embeddings"),
+    ("expert_capacity", "batch", "encoder_length", "decoder_length", "tie_word_embeddings"),
     [
-        (64, None, 3, True),  # capacity never binds: dropless conversion matches any batch
-        (64, None, 3, False),  # Switch's own LM head, no output scaling
-        (64, 6, 3, True),  # mapped capacity factor, nothing dropped
-        (2, 6, 1, True),  # tokens dropped: one sequence of `sequence_length` tokens keeps the same ones
+        (64, 3, 6, 6, True),  # capacity never binds
+        (64, 3, 6, 6, False),  # Switch's own LM head, no output scaling
+        (4, 3, 9, 5, True),  # capacity 4 binds in the longer encoder sequences, not in the decoder's
+        (2, 3, 6, 6, True),  # binds everywhere, several sequences per batch
+        (1, 2, 11, 3, True),  # one slot per expert per sequence, different lengths per stack
     ],
 )
-def test_switch_import_gives_switch_logits(expert_capacity, sequence_length, batch, tie_word_embeddings):
+def test_switch_import_gives_switch_logits(
+    expert_capacity, batch, encoder_length, decoder_length, tie_word_embeddings
+):
     switch = tiny_switch(expert_capacity, tie_word_embeddings)
-    model = from_switch_transformers(switch, sequence_length=sequence_length)
+    model = from_switch_transformers(switch)
     config = model.config
     assert (config.encoder_moe_layers, config.decoder_moe_layers) == ([1], [0, 1])
     assert config.num_experts_per_tok == 1 and not config.normalizes_top_k_weights
     assert (config.router_jitter_noise, config.router_z_loss_coef) == (0.1, switch.config.router_z_loss_coef)
+    assert (config.expert_capacity, config.capacity_scope) == (expert_capacity, "sequence")
     assert not model.training
-    inputs = {"input_ids": torch.randint(2, 99, (batch, 6)), "decoder_input_ids": torch.randint(2, 99, (batch, 6))}
+    inputs = {
+        "input_ids": torch.randint(2, 99, (batch, encoder_length)),
+        "decoder_input_ids": torch.randint(2, 99, (batch, decoder_length)),
+    }
     with torch.no_grad():
         expected, logits = switch(**inputs).logits, model(**inputs).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-    assert (dropped_slots(model) > 0) == (expert_capacity == 2)
+    binds = expert_capacity < max(encoder_length, decoder_length)
+    assert (dropped_slots(model) > 0) == binds, "the case must (or must not) drop tokens, as its comment says"
 
 
-def test_switch_capacity_is_per_sequence_so_batches_that_overflow_differ():
-    # the documented semantic difference: Switch gives each sequence its own capacity, hf_moe pools the batch's
-    switch = tiny_switch(expert_capacity=1)
-    model = from_switch_transformers(switch, sequence_length=6)
-    inputs = {"input_ids": torch.randint(2, 99, (3, 6)), "decoder_input_ids": torch.randint(2, 99, (3, 6))}
+def test_switch_import_generates_as_switch_does_with_a_binding_capacity():
+    switch = tiny_switch(expert_capacity=2)
+    model = from_switch_transformers(switch)
+    input_ids = torch.randint(2, 99, (2, 8))
     with torch.no_grad():
-        assert not torch.allclose(model(**inputs).logits, switch(**inputs).logits, atol=1e-3)
+        expected = switch.generate(input_ids, max_new_tokens=6, do_sample=False)
+        generated = model.generate(input_ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated, expected)
 
 
 def test_switch_import_from_a_folder_and_save_load_of_an_own_lm_head(tmp_path):
@@ -467,8 +479,6 @@ def test_switch_import_rejects_what_it_cannot_represent():
     with pytest.raises(TypeError, match="model_or_path"):
         from_switch_transformers(tiny_model())
     switch = tiny_switch(expert_capacity=64)
-    with pytest.raises(ValueError, match="sequence_length"):
-        from_switch_transformers(switch, sequence_length=0)
     switch.encoder.embed_tokens = torch.nn.Embedding(99, 32)
     with pytest.raises(ValueError, match="encoder.embed_tokens"):
         from_switch_transformers(switch)
