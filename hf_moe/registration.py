@@ -1,8 +1,11 @@
 """Registers the hf_moe model families with transformers' Auto classes (run once by `import hf_moe`).
 
-Each class is registered twice: with the Auto class mapping (so `AutoModel*.from_pretrained` finds it when hf_moe is
-installed) and with `register_for_auto_class` (so `save_pretrained` writes `auto_map` and copies the modeling files,
-and the folder loads with `trust_remote_code=True` where hf_moe is not installed).
+Each class is registered three times: with the Auto class mapping (so `AutoModel*.from_pretrained` finds it when hf_moe
+is installed), with `register_for_auto_class` (so `save_pretrained` writes `auto_map` and copies the modeling files,
+and the folder loads with `trust_remote_code=True` where hf_moe is not installed), and in transformers' tables of
+class *names*, which `Trainer` and the pipelines consult instead of the Auto registry: without it `Trainer` does not
+shift the labels of a causal LM under `label_smoothing_factor`, and the text-generation pipeline logs that the model
+is not supported.
 """
 
 from __future__ import annotations
@@ -26,8 +29,18 @@ from .modeling import (
     T5MoeForConditionalGeneration,
     T5MoeModel,
 )
+from .modeling._compat import register_names_for_trainer_and_pipelines
 
 __all__ = ["register_auto_classes"]
+
+# Auto class -> transformers' table of class names for it
+_NAME_TABLES = {
+    AutoModel: "MODEL_MAPPING_NAMES",
+    AutoModelForCausalLM: "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    AutoModelForSeq2SeqLM: "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    AutoModelForSequenceClassification: "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    AutoModelForTextEncoding: "MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES",
+}
 
 _FAMILIES = [
     (
@@ -58,3 +71,6 @@ def register_auto_classes() -> None:
         for auto_class, model_class in models.items():
             auto_class.register(config_class, model_class, exist_ok=True)
             model_class.register_for_auto_class(auto_class.__name__)
+        register_names_for_trainer_and_pipelines(
+            config_class.model_type, {_NAME_TABLES[auto]: model.__name__ for auto, model in models.items()}
+        )

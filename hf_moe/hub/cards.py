@@ -24,6 +24,7 @@ from ..modeling import (
     T5MoeForConditionalGeneration,
     T5MoeModel,
 )
+from ..modeling.registry import BALANCE_LOSSES, ROUTERS
 
 __all__ = ["MODEL_CARD_TEMPLATE", "render_model_card", "save_model_card"]
 
@@ -43,7 +44,6 @@ _HEADS: dict[str, tuple[str | None, str]] = {
 _GENERATING_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM")
 _FAMILY_NAMES = {"gpt2": "GPT-2", "t5": "T5"}
 
-_ROUTER_NAMES = {"topk": "token-choice top-k softmax", "noisy_topk": "noisy top-k gating (Shazeer et al. 2017)"}
 _INIT_METHOD_NAMES = {
     "copy": "every expert is a copy of the dense FFN (sparse upcycling, Komatsuzaki et al. 2022)",
     "noise": "copies of the dense FFN plus small independent Gaussian noise per expert",
@@ -126,7 +126,10 @@ def render_model_card(
         prompt="translate English to German: The house is wonderful." if config.is_encoder_decoder else "Hello, I am",
         training_rows=_result_rows(training_results),
         eval_rows=_result_rows(eval_results),
-        drops_tokens=config.capacity_factor is not None or config.eval_capacity_factor is not None,
+        drops_tokens=any(
+            value is not None
+            for value in (config.capacity_factor, config.eval_capacity_factor, config.expert_capacity)
+        ),
     )
 
 
@@ -190,21 +193,40 @@ def _routing_rows(config) -> list[tuple[str, str]]:
     return [
         ("Experts per MoE layer", str(config.num_local_experts)),
         ("Experts per token (top-k)", str(config.num_experts_per_tok)),
-        ("Router", f"`{config.router_type}`: {_ROUTER_NAMES.get(config.router_type, config.router_type)}"),
+        ("Router", f"`{config.router_type}`: {_registry_label(ROUTERS, config.router_type)}"),
         ("Combine weights", combine),
         ("Router noise in training", ", ".join(n for n in noise if n) or "none"),
-        ("Capacity factor (training)", _capacity(config.capacity_factor, config)),
-        ("Capacity factor (evaluation)", _capacity(config.eval_capacity_factor, config)),
-        ("Load-balancing loss", f"`{config.aux_loss_type}`, coefficient {config.router_aux_loss_coef}"),
+        *_capacity_rows(config),
+        (
+            "Load-balancing loss",
+            f"`{config.aux_loss_type}`: {_registry_label(BALANCE_LOSSES, config.aux_loss_type)}, "
+            f"coefficient {config.router_aux_loss_coef}",
+        ),
         ("Router z-loss coefficient", str(config.router_z_loss_coef)),
         ("Expert dropout", str(config.expert_dropout)),
     ]
 
 
-def _capacity(factor: float | None, config) -> str:
+def _registry_label(registry, name: str) -> str:
+    # a folder made with a router registered at run time may be described where that router is not registered
+    return registry[name].card_label if name in registry else "(not registered here)"
+
+
+def _capacity_rows(config) -> list[tuple[str, str]]:
+    per = "per sequence" if config.capacity_scope == "sequence" else "per batch"
+    policy = f"drop policy `{config.drop_policy}`"
+    if config.expert_capacity is not None:
+        return [("Capacity (training and evaluation)", f"{config.expert_capacity} slots per expert {per}; {policy}")]
+    return [
+        ("Capacity factor (training)", _capacity(config.capacity_factor, config, per, policy)),
+        ("Capacity factor (evaluation)", _capacity(config.eval_capacity_factor, config, per, policy)),
+    ]
+
+
+def _capacity(factor: float | None, config, per: str, policy: str) -> str:
     if factor is None:
         return "dropless (no token is dropped)"
-    return f"{factor} (at least {config.min_capacity} slots; drop policy `{config.drop_policy}`)"
+    return f"{factor} {per} (at least {config.min_capacity} slots; {policy})"
 
 
 def _parameter_rows(counts: dict[str, int], report: Mapping | None) -> list[tuple[str, str]]:

@@ -29,6 +29,7 @@ __all__ = [
     "auto_class_hidden",
     "decay_parameter_names",
     "from_config_without_init",
+    "install_output_recorders",
     "local_shard_offset",
     "mesh_data_parallel_group",
     "parent_recorders",
@@ -201,6 +202,16 @@ def auto_class_hidden(model_class: type):
         yield
     finally:
         del model_class._auto_class
+
+
+def install_output_recorders(model) -> None:
+    """Install transformers' output-capturing hooks on `model` now. transformers installs them on the first forward
+    that asks for a recorded output, under a threading lock that `torch.compile(fullgraph=True)` cannot trace; the
+    router losses are asked for by every forward with labels, so a compiled training step would break there."""
+    from transformers.utils import output_capturing
+
+    require_private(output_capturing, "maybe_install_capturing_hooks")
+    output_capturing.maybe_install_capturing_hooks(model)
 
 
 def parent_recorders(parent: type) -> dict:

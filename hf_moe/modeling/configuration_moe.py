@@ -23,6 +23,8 @@ __all__ = ["MoeConfigFields", "moe_field_names", "validate_layer_list"]
 
 # words that make an unknown config key look like a misspelt or unsupported MoE setting (see `__post_init__`)
 _MOE_LOOKING = re.compile(r"moe|expert|router|routing|capacity|aux_loss|z_loss|balanc|drop_polic|jitter")
+# keys transformers itself passes to a config (`from_pretrained(experts_implementation=...)`), not MoE fields
+_TRANSFORMERS_KEYS = {"experts_implementation", "_experts_implementation", "_experts_implementation_internal"}
 
 
 @dataclass(kw_only=True)
@@ -167,8 +169,10 @@ def moe_field_names() -> list[str]:
 
 def _looks_like_moe_field(name: str) -> bool:
     known = moe_field_names()
-    return name not in known and (
-        bool(_MOE_LOOKING.search(name)) or bool(difflib.get_close_matches(name, known, n=1, cutoff=0.8))
+    return (
+        name not in known
+        and name not in _TRANSFORMERS_KEYS
+        and (bool(_MOE_LOOKING.search(name)) or bool(difflib.get_close_matches(name, known, n=1, cutoff=0.8)))
     )
 
 

@@ -186,6 +186,8 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
 
 
 class GPT2MoeModel(GPT2MoePreTrainedModel, GPT2Model):
+    _records_outputs = True
+
     @restates("models.gpt2.modeling_gpt2.GPT2Model.__init__", "0318594f09c2deb1")
     def __init__(self, config: GPT2MoeConfig):
         # GPT2Model.__init__ hard-codes GPT2Block, so its body is restated here; the diff: GPT2MoeBlock

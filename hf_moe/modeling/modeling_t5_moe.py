@@ -312,6 +312,8 @@ def _layer_wildcards(name: str) -> str:
 class T5MoeStack(T5MoePreTrainedModel, T5Stack):
     """T5's encoder or decoder stack with MoE blocks."""
 
+    _records_outputs = True
+
     @restates("models.t5.modeling_t5.T5Stack.__init__", "ff626b133fd00ba5")
     def __init__(self, config: T5MoeConfig):
         # T5Stack.__init__ hard-codes T5Block, so its body is restated; the diff: T5MoeBlock

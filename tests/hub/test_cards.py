@@ -75,7 +75,7 @@ def test_body_records_conversion_routing_and_parameter_counts(tmp_path):
         "| Router | `topk`",
         "| Capacity factor (training) | 1.5 ",
         "| Capacity factor (evaluation) | dropless",
-        "| Load-balancing loss | `switch`, coefficient 0.02 |",
+        "| Load-balancing loss | `switch`: Switch load balancing (Fedus et al. 2021), coefficient 0.02 |",
         "| Router z-loss coefficient | 0.003 |",
         "| Expert dropout | 0.1 |",
     ):

@@ -58,7 +58,8 @@ def test_saved_folder_carries_the_flat_modeling_files_and_auto_map(tmp_path):
     GPT2MoeForCausalLM(tiny_gpt2_moe_config()).save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
     expected = {"configuration_gpt2_moe.py", "modeling_gpt2_moe.py", "routing.py", "experts.py", "losses.py"}
-    assert expected | {"configuration_moe.py", "sparse_moe.py"} <= files
+    core = {"configuration_moe.py", "sparse_moe.py", "registry.py", "dispatch.py", "moe_parts.py", "_compat.py"}
+    assert expected | core <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_gpt2_moe.GPT2MoeConfig"
     assert auto_map["AutoModelForCausalLM"] == "modeling_gpt2_moe.GPT2MoeForCausalLM"
