@@ -54,7 +54,8 @@ def tensorboard_run(tmp_path_factory):
     recorder = RoutingRecorder(model)
     witness = WitnessCallback(recorder)
     args = training_args(output_dir, report_to="tensorboard", eval_strategy="steps", eval_steps=2)
-    trainer = Trainer(
+    # MoeTrainer puts the callback first, before TensorBoard's
+    trainer = hf_moe.MoeTrainer(
         model=model,
         args=args,
         train_dataset=causal_examples(32),
@@ -148,13 +149,31 @@ def test_plots_saved_at_train_end(tensorboard_run):
         assert (output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_callback_added_after_init_still_goes_first(tmp_path):
+@pytest.mark.parametrize("how", ["attach_to", "moe_trainer_add_callback"])
+def test_callback_added_after_init_goes_first(tmp_path, how):
     model = tiny_gpt2()
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=causal_examples(8))
+    trainer_class = Trainer if how == "attach_to" else hf_moe.MoeTrainer
+    args = training_args(tmp_path, max_steps=2, report_to="tensorboard")
+    trainer = trainer_class(model=model, args=args, train_dataset=causal_examples(8))
     callback = hf_moe.LoadBalanceCallback(save_plots=False)
-    trainer.add_callback(callback)
+    if how == "attach_to":
+        assert callback.attach_to(trainer) is callback
+    else:
+        trainer.add_callback(callback)
     trainer.train()
     assert trainer.callback_handler.callbacks[0] is callback
+    assert "moe/layer_01/load_imbalance" in trainer.state.log_history[0]
+
+
+def test_plain_trainer_callbacks_still_reach_the_log_history(tmp_path):
+    # in Trainer(callbacks=[...]) the callback runs after the reporting integrations, but log_history has it all
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=causal_examples(8),
+        callbacks=[hf_moe.LoadBalanceCallback(save_plots=False)],
+    )
+    trainer.train()
     assert "moe/layer_01/load_imbalance" in trainer.state.log_history[0]
 
 

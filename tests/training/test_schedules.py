@@ -18,7 +18,7 @@ def test_router_temperature_divides_logits_before_softmax():
     config = tiny_gpt2_moe_config()
     router = hf_moe.modeling.build_router(config, 32)
     torch.nn.init.normal_(router.weight)
-    hidden = torch.randn(10, 32)
+    hidden = hf_moe.RoutingInputs(torch.randn(10, 32))
     plain = router(hidden)
     router.temperature = 0.5
     tempered = router(hidden)
