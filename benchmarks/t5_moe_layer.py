@@ -8,8 +8,8 @@ Every row is one case, top-1 routing with capacity; the same seeded input `x_BSD
 - `switch`: transformers' `SwitchTransformersSparseMLP` (one-hot dispatch mask, a Python loop over the experts hit),
             `expert_capacity` = ceil(capacity_factor * S / E) slots per expert and per sequence;
 - `ours`:   hf_moe's `SparseMoeBlock(config, T5MoeExperts(config))` with the same router and expert weights, once
-            per experts implementation (`grouped_mm`, the default, and `eager`). Its capacity factor gives the batch
-            the same B * expert_capacity slots per expert (hf_moe pools them over the batch, Switch per sequence).
+            per experts implementation (`grouped_mm`, the default, and `eager`), with Switch's capacity: the same
+            `expert_capacity` per expert and per sequence (`capacity_scope="sequence"`), so both drop the same tokens.
 
 Ratios are of the fastest of the timed steps, measured side by side in one run (round-robin, so drift hits every
 layer alike).
@@ -97,9 +97,9 @@ def build_layers(case: Case) -> dict[str, nn.Module]:
             num_layers=1,
             num_experts=case.num_experts,
             num_experts_per_tok=1,
-            # B * expert_capacity slots per expert for the batch, Switch's total (see the conversion's docstring)
-            capacity_factor=case.switch_capacity * case.num_experts / case.seq_len * (1 - 1e-9),
-            min_capacity=0,
+            # Switch's capacity: expert_capacity slots per expert in every sequence
+            expert_capacity=case.switch_capacity,
+            capacity_scope="sequence",
         )
         # a standalone block gets no experts implementation from `post_init`; None would silently mean eager
         config._experts_implementation = implementation
