@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from .routing import RouterDecision, RoutingInputs
+from .routing import RouterDecision, RoutingInputs, sequence_ids
 
 __all__ = ["CAPACITY_SCOPES", "DROP_POLICIES", "Capacity", "capacity_keep_mask", "expert_capacity", "run_experts"]
 
@@ -75,7 +75,7 @@ def capacity_keep_mask(
     groups_per_sequence = num_experts + 1
     group_N = expert_N
     if num_sequences > 1:
-        sequence_N = (torch.arange(num_tokens, device=device) // (num_tokens // num_sequences)).repeat(top_k)
+        sequence_N = sequence_ids(num_tokens, num_sequences, device).repeat(top_k)
         group_N = sequence_N * groups_per_sequence + expert_N
     num_groups = num_sequences * groups_per_sequence
     # one sort groups slots by capacity group and orders each group by priority

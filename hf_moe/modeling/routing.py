@@ -31,7 +31,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-__all__ = ["NoisyTopKRouter", "Router", "RouterDecision", "RouterNoise", "RoutingInputs", "TopKRouter"]
+__all__ = [
+    "NoisyTopKRouter",
+    "Router",
+    "RouterDecision",
+    "RouterNoise",
+    "RoutingInputs",
+    "TopKRouter",
+    "sequence_ids",
+]
+
+
+def sequence_ids(num_tokens: int, num_sequences: int, device: torch.device) -> torch.Tensor:
+    """The sequence each of `num_tokens` row-major tokens belongs to, (T,) int64: [0, 0, ..., 1, 1, ...]."""
+    return torch.arange(num_sequences, device=device).repeat_interleave(num_tokens // num_sequences)
 
 
 class RoutingInputs(NamedTuple):
@@ -45,9 +58,7 @@ class RoutingInputs(NamedTuple):
     @property
     def sequence_ids_T(self) -> torch.Tensor:
         """The sequence (batch row) each token belongs to, (T,) int64."""
-        num_tokens = self.hidden_TD.shape[0]
-        rows_T = torch.arange(self.num_sequences, device=self.hidden_TD.device)
-        return rows_T.repeat_interleave(num_tokens // self.num_sequences)
+        return sequence_ids(self.hidden_TD.shape[0], self.num_sequences, self.hidden_TD.device)
 
 
 class RouterNoise(NamedTuple):
