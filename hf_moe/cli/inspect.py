@@ -1,4 +1,10 @@
-"""`hf-moe inspect PATH`: what an MoE folder is, from its config alone (no weights are loaded)."""
+"""`hf-moe inspect PATH`: what an MoE folder is (from its config), and whether its weights files can be loaded.
+
+The weights check reads safetensors headers only, never tensor data, so it takes milliseconds for any model size: each
+file's header must parse and cover the file exactly (a truncated or overwritten file fails here), and the tensors must
+be the ones the config implies, with their shapes (the model is built on the meta device to know them). What headers
+cannot show, flipped bits inside tensor data, goes unnoticed: safetensors stores no checksums.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +12,50 @@ import argparse
 import json
 from pathlib import Path
 
-from transformers import AutoConfig
-
-from ..conversion.report import REPORT_FILENAME
-from ..modeling.configuration_moe import MoeConfigFields
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# weights transformers still loads but whose contents cannot be checked without unpickling them
+OTHER_WEIGHTS_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
-        name, help="describe an MoE model folder", description="Describe an hf_moe model folder from its config."
+        name,
+        help="describe an MoE model folder and check its weights",
+        description="Describe an hf_moe model folder (or Hub id) from its config, and check its safetensors weights: "
+        "every header readable and complete, every tensor the config implies present with its shape (headers only; "
+        "no tensor data is read). A folder that fails the check is an error (exit code 2).",
     )
-    parser.add_argument("path", help="model folder (or Hub id)")
+    parser.add_argument("path", metavar="PATH", help="model folder or Hub id")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(run=run)
 
 
 def describe(path: str) -> dict:
-    """Family, MoE layers, experts per layer, routing and parameter counts of the model at `path`."""
-    config = AutoConfig.from_pretrained(path)
+    """Family, MoE layers, experts per layer, routing, capacity, parameter counts and the weights check of the model at
+    `path` (a folder, or a Hub id: its weights are then checked only if they are in the local Hub cache)."""
+    from transformers import AutoConfig
+
+    from ..conversion.report import REPORT_FILENAME
+    from ..conversion.source import resolve_source
+    from ..modeling.configuration_moe import MoeConfigFields
+    from ..modeling.registry import BALANCE_LOSSES, ROUTERS
+
+    source = resolve_source(path, option="PATH")
+    config = AutoConfig.from_pretrained(source)
     if not isinstance(config, MoeConfigFields):
-        raise ValueError(f"{path} is a {config.model_type!r} model, not an hf_moe MoE model")
+        raise ValueError(
+            f"{path} is a {config.model_type!r} model, not an hf_moe MoE model (`hf-moe moefy` converts GPT-2 and T5)"
+        )
     if hasattr(config, "moe_layer_indices"):
         moe_layers = {"layers": config.moe_layer_indices}
     else:
         moe_layers = {"encoder": config.encoder_moe_layer_indices, "decoder": config.decoder_moe_layer_indices}
-    capacity = config.capacity_factor
+    folder = Path(source)
+    if folder.is_dir():
+        weights = check_weights(folder, config, option="PATH")
+    else:
+        weights = {"checked": False, "why": "a Hub model that is not downloaded"}
     summary = {
         "model_type": config.model_type,
         "architectures": getattr(config, "architectures", None),
@@ -38,21 +63,147 @@ def describe(path: str) -> dict:
         "experts_per_layer": config.num_local_experts,
         "experts_per_token": config.num_experts_per_tok,
         "router_type": config.router_type,
+        "router_label": _label(ROUTERS, config.router_type),
         "combine_weights": "unit"
         if config.unit_combine_weights
         else ("normalized" if config.normalizes_top_k_weights else "probability"),
-        "capacity_factor": "dropless" if capacity is None else capacity,
+        # expert_capacity (fixed slots, training and evaluation) replaces the factors when set
+        "expert_capacity": config.expert_capacity,
+        "capacity_factor": "dropless" if config.capacity_factor is None else config.capacity_factor,
         "eval_capacity_factor": "dropless" if config.eval_capacity_factor is None else config.eval_capacity_factor,
-        "aux_loss": {"type": config.aux_loss_type, "coef": config.router_aux_loss_coef},
+        "min_capacity": config.min_capacity,
+        "capacity_scope": config.capacity_scope,
+        "drop_policy": config.drop_policy,
+        "aux_loss": {
+            "type": config.aux_loss_type,
+            "label": _label(BALANCE_LOSSES, config.aux_loss_type),
+            "coef": config.router_aux_loss_coef,
+        },
         "z_loss_coef": config.router_z_loss_coef,
         "expert_dropout": config.expert_dropout,
         "parameters": config.parameter_counts(),
+        "weights": weights,
     }
-    report = Path(path) / REPORT_FILENAME
+    report = folder / REPORT_FILENAME
     if report.is_file():
         made = json.loads(report.read_text())
         summary["made_by_moefy"] = {key: made.get(key) for key in ("source_model", "init_method", "seed")}
     return summary
+
+
+def check_weights(folder: Path, config=None, *, option: str = "PATH") -> dict:
+    """Check the safetensors weights of `folder` from their headers (see the module docstring); with `config`, also
+    that they hold the tensors its architecture implies. Returns what was checked; raises ValueError or
+    FileNotFoundError naming the file and what is wrong. Folders with only PyTorch pickles are reported unchecked."""
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{option} {index} is not a safetensors index (JSON with a 'weight_map')") from None
+    elif (folder / SAFETENSORS_FILE).is_file():
+        names = [SAFETENSORS_FILE]
+    else:
+        others = [name for name in OTHER_WEIGHTS_FILES if (folder / name).is_file()]
+        if others:
+            return {"checked": False, "files": others, "why": "PyTorch pickle weights; only safetensors are checked"}
+        raise FileNotFoundError(
+            f"{option} {folder} has no weights: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}"
+        )
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{option} {path} is listed in {SAFETENSORS_INDEX} but missing")
+        try:
+            # framework "numpy": opening reads the header only; no tensor is materialized and torch is not needed
+            with safe_open(path, framework="numpy") as weights:
+                for key in weights.keys():  # noqa: SIM118 - safe_open objects are not iterable
+                    shapes[key] = tuple(weights.get_slice(key).get_shape())
+        except SafetensorError as error:
+            raise ValueError(
+                f"{option} {path} is not a readable safetensors file ({error}); save or download it again"
+            ) from None
+    checked = {"checked": True, "files": names, "tensors": len(shapes)}
+    expected = _expected_tensors(config) if config is not None else None
+    if expected is None:
+        return checked
+    prefix = expected.pop("__prefix__")
+    # compared without the base model prefix, reported with the names as written
+    found = {_strip(key, prefix): (key, shape) for key, shape in shapes.items()}
+    missing, wrong_shape = [], []
+    for tied_names, (name, shape) in expected.items():
+        present = [found[n] for n in tied_names if n in found]
+        if not present:
+            missing.append(name)
+        elif present[0][1] != shape:
+            wrong_shape.append(f"{present[0][0]} is {list(present[0][1])}, the config implies {list(shape)}")
+    where = f"{option} {folder}" if len(names) > 1 else f"{option} {folder / names[0]}"
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        noun = "tensor" if len(missing) == 1 else "tensors"
+        raise ValueError(f"{where} lacks {len(missing)} {noun} that config.json implies: {shown}")
+    if wrong_shape:
+        raise ValueError(f"{where} does not match config.json: {wrong_shape[0]}")
+    known = {n for tied_names in expected for n in tied_names}
+    # extra tensors load with a warning (old GPT-2 checkpoints carry attention-mask buffers); reported, not an error
+    checked["unexpected"] = sorted(found[n][0] for n in set(found) - known)
+    return checked
+
+
+def _expected_tensors(config) -> dict | None:
+    """{names sharing one tensor, without the base model prefix: (first name as the model has it, shape)} for the
+    model `config.architectures` names, built on the meta device (no memory, no init), plus "__prefix__": the base
+    model prefix that checkpoints may omit. None when the config names no architecture known here."""
+    import torch
+    import transformers
+
+    import hf_moe
+
+    from ..modeling._compat import from_config_without_init
+
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    if architecture is None:
+        return None
+    model_class = getattr(hf_moe, architecture, None) or getattr(transformers, architecture, None)
+    if model_class is None:
+        return None
+    with torch.device("meta"):
+        model = from_config_without_init(model_class, config, dtype=torch.float32)
+        model.tie_weights()  # skipped under no_init_weights; tied names share one tensor in the file
+    prefix = getattr(model, "base_model_prefix", "")
+    by_tensor: dict[int, tuple[list[str], str, tuple[int, ...]]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(tensor), ([], name, tuple(tensor.shape)))[0].append(_strip(name, prefix))
+    expected: dict = {tuple(names): (name, shape) for names, name, shape in by_tensor.values()}
+    expected["__prefix__"] = prefix
+    return expected
+
+
+def _strip(name: str, prefix: str) -> str:
+    # transformers loads a base model's checkpoint into a model with a head and back by adding / removing the prefix
+    return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+
+
+def _label(registry, name: str) -> str:
+    return registry[name].card_label if name in registry else "(not registered here)"
+
+
+def _capacity_line(summary: dict) -> str:
+    per = f"per {summary['capacity_scope']}"
+    policy = f"overflow dropped by {summary['drop_policy']}"
+    if summary["expert_capacity"] is not None:
+        return f"{summary['expert_capacity']} slots per expert {per}, training and evaluation ({policy})"
+    train, evaluation = summary["capacity_factor"], summary["eval_capacity_factor"]
+    if train == evaluation == "dropless":
+        return "dropless (no token dropped)"
+    return (
+        f"factor {train} in training, {evaluation} in evaluation, {per} "
+        f"(at least {summary['min_capacity']} slots; {policy})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,16 +216,25 @@ def run(args: argparse.Namespace) -> int:
     for stack, layers in summary["moe_layers"].items():
         print(f"  MoE {stack}: {layers or 'none'}")
     print(
-        f"  experts: {summary['experts_per_layer']} per layer, top-{summary['experts_per_token']} "
-        f"({summary['router_type']} router, {summary['combine_weights']} combine weights)"
+        f"  experts: {summary['experts_per_layer']} per layer, top-{summary['experts_per_token']}, "
+        f"{summary['combine_weights']} combine weights"
     )
-    print(f"  capacity: train {summary['capacity_factor']}, eval {summary['eval_capacity_factor']}")
+    print(f"  router: {summary['router_type']} ({summary['router_label']})")
+    print(f"  capacity: {_capacity_line(summary)}")
     aux = summary["aux_loss"]
-    print(f"  losses: {aux['type']} aux x {aux['coef']}, z x {summary['z_loss_coef']}")
+    print(f"  losses: {aux['type']} ({aux['label']}) x {aux['coef']}, z-loss x {summary['z_loss_coef']}")
     print(
         f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token "
         f"({counts['experts']:,} in experts)"
     )
+    weights = summary["weights"]
+    if weights["checked"]:
+        extra = f", {len(weights['unexpected'])} unexpected" if weights.get("unexpected") else ""
+        print(
+            f"  weights: {len(weights['files'])} safetensors file(s), {weights['tensors']} tensors, headers OK{extra}"
+        )
+    else:
+        print(f"  weights: not checked ({weights['why']})")
     if "made_by_moefy" in summary:
         made = summary["made_by_moefy"]
         print(f"  made by moefy from {made['source_model']} (init={made['init_method']}, seed={made['seed']})")

@@ -1,13 +1,34 @@
-"""`hf-moe moefy SRC OUT`: convert a dense GPT-2 / T5 checkpoint into an MoE model folder (thin over `moefy`)."""
+"""`hf-moe moefy SRC OUT`: convert a dense GPT-2 / T5 checkpoint into an MoE model folder (thin over `moefy`).
+
+Every check that needs no model runs before anything slow: argument ranges at parse time, then OUT, then SRC (a local
+folder, or a Hub id decided in one short request), then the names the registries know and the source's weights
+headers. Only then is the model converted and written, atomically (`save_converted`): a failure or Ctrl-C anywhere
+leaves nothing on disk.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..conversion import INIT_METHODS, moefy, save_converted
-from ..conversion.layer_selection import LAYER_SPEC_HELP
-from ..modeling.configuration_moe import DROP_POLICIES, ROUTER_TYPES
+from . import non_negative_float, positive_float, positive_int
+
+# The registries (routers, balance losses, drop policies, capacity scopes, init methods) import torch, so they are not
+# argparse `choices`: the help names the built-in entries, and `run` checks the value against the registry itself,
+# listing what it holds. tests/cli check that this text names every registered entry.
+ROUTER_HELP = "router by registry name; built in: topk (token-choice top-k softmax), noisy_topk (Shazeer et al. 2017)"
+AUX_LOSS_HELP = "balance loss by registry name; built in: switch (Fedus et al. 2021), cv_squared (Shazeer et al. 2017)"
+INIT_HELP = "dense-to-sparse init: copy, noise, drop_upcycle, split"
+# the layer spec language of hf_moe.conversion.layer_selection (not imported here: that package imports torch)
+LAYER_SPEC_SHORT = "'all', 'none', 'every_other', 'top:N', 'bottom:N' or indices like '0,2'"
+
+
+def ratio(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -15,87 +36,126 @@ def add_parser(subparsers, name: str) -> None:
         name,
         help="convert a dense GPT-2 / T5 checkpoint into an MoE model",
         description="Convert a dense GPT-2 or T5 checkpoint (folder or Hub id) into an hf_moe MoE model folder "
-        "with safetensors weights, config, tokenizer, conversion report and model card. Writes atomically.",
+        "with safetensors weights, config, tokenizer, conversion report and model card. Writes atomically: on any "
+        "error or Ctrl-C nothing is left on disk.",
     )
-    parser.add_argument("src", help="dense model: a local folder or a Hub id")
-    parser.add_argument("out", type=Path, help="output folder (must be empty or absent unless --overwrite)")
-    parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token")
-    parser.add_argument("--router-type", choices=ROUTER_TYPES, default="topk")
-    parser.add_argument("--init", choices=tuple(INIT_METHODS), default="copy", help="dense-to-sparse init")
-    parser.add_argument("--noise-scale", type=float, default=0.01, help="--init noise: std / weight std")
-    parser.add_argument("--drop-ratio", type=float, default=0.5, help="--init drop_upcycle: re-initialized ratio")
-    parser.add_argument("--split-partition", choices=("random", "clustered"), default="random")
-    parser.add_argument("--moe-layers", default=None, help=f"GPT-2 layers to convert: {LAYER_SPEC_HELP}")
-    parser.add_argument("--encoder-moe-layers", default=None, help="T5 encoder layers (same syntax)")
-    parser.add_argument("--decoder-moe-layers", default=None, help="T5 decoder layers (same syntax)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--capacity-factor", type=float, default=None, help="training capacity (default dropless)")
-    parser.add_argument("--eval-capacity-factor", type=float, default=None)
-    parser.add_argument("--drop-policy", choices=DROP_POLICIES, default=None)
-    parser.add_argument("--aux-loss-coef", type=float, default=None, help="router_aux_loss_coef")
-    parser.add_argument("--z-loss-coef", type=float, default=None, help="router_z_loss_coef")
-    parser.add_argument("--expert-dropout", type=float, default=None)
+    parser.add_argument("src", metavar="SRC", help="dense model: a local folder or a Hub id")
     parser.add_argument(
-        "--normalize-top-k-weights", action=argparse.BooleanOptionalAction, default=None, help="default: k>=2"
+        "out", metavar="OUT", type=Path, help="output folder (must be absent or empty, unless --overwrite)"
+    )
+    parser.add_argument("--num-experts", metavar="E", type=positive_int, default=8, help="experts per MoE layer")
+    parser.add_argument(
+        "--top-k", metavar="K", type=positive_int, default=2, help="experts per token, at most --num-experts"
+    )
+    parser.add_argument("--router-type", default="topk", metavar="NAME", help=ROUTER_HELP)
+    parser.add_argument("--init", default="copy", metavar="METHOD", help=INIT_HELP)
+    # None: not given; the library's default applies, and giving one with another --init is an error, not a no-op
+    parser.add_argument(
+        "--noise-scale",
+        metavar="STD",
+        type=non_negative_float,
+        default=None,
+        help="with --init noise: noise std as a fraction of each weight's std (default: 0.01)",
+    )
+    parser.add_argument(
+        "--drop-ratio",
+        metavar="R",
+        type=ratio,
+        default=None,
+        help="with --init drop_upcycle: fraction of each expert's neurons re-initialized (default: 0.5)",
+    )
+    parser.add_argument(
+        "--split-partition",
+        choices=("random", "clustered"),
+        default=None,
+        help="with --init split: how the dense neurons are partitioned (default: random)",
+    )
+    parser.add_argument(
+        "--moe-layers",
+        metavar="SPEC",
+        default=None,
+        help=f"GPT-2 layers to convert: {LAYER_SPEC_SHORT} (default: all)",
+    )
+    parser.add_argument(
+        "--encoder-moe-layers", metavar="SPEC", default=None, help="T5 encoder layers, same syntax (default: all)"
+    )
+    parser.add_argument(
+        "--decoder-moe-layers", metavar="SPEC", default=None, help="T5 decoder layers, same syntax (default: all)"
+    )
+    parser.add_argument("--seed", metavar="N", type=int, default=0, help="seeds every random choice of the conversion")
+    parser.add_argument(
+        "--capacity-factor",
+        metavar="F",
+        type=positive_float,
+        default=None,
+        help="training capacity factor, a number > 0 (default: dropless, no token dropped)",
+    )
+    parser.add_argument(
+        "--eval-capacity-factor",
+        metavar="F",
+        type=positive_float,
+        default=None,
+        help="the same at evaluation (default: dropless)",
+    )
+    parser.add_argument(
+        "--expert-capacity",
+        metavar="C",
+        type=positive_int,
+        default=None,
+        help="fixed slots per expert per capacity unit, training and evaluation (excludes the factors)",
+    )
+    parser.add_argument(
+        "--capacity-scope",
+        default=None,
+        metavar="SCOPE",
+        help="what a capacity counts over: batch or sequence (default: batch)",
+    )
+    parser.add_argument(
+        "--drop-policy",
+        default=None,
+        metavar="POLICY",
+        help="which slots win when an expert overflows: position or probability (default: position)",
+    )
+    parser.add_argument("--aux-loss-type", default=None, metavar="NAME", help=f"{AUX_LOSS_HELP} (default: switch)")
+    parser.add_argument(
+        "--aux-loss-coef",
+        metavar="X",
+        type=non_negative_float,
+        default=None,
+        help="router_aux_loss_coef (default: 0.01)",
+    )
+    parser.add_argument(
+        "--z-loss-coef", metavar="X", type=non_negative_float, default=None, help="router_z_loss_coef (default: 0.001)"
+    )
+    parser.add_argument(
+        "--expert-dropout",
+        metavar="P",
+        type=ratio,
+        default=None,
+        help="dropout on the experts' hidden activation (default: 0)",
+    )
+    parser.add_argument(
+        "--normalize-top-k-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="renormalize the k combine weights to sum to 1 (default: on for --top-k >= 2)",
     )
     parser.add_argument("--unit-combine-weights", action="store_true", help="weight 1 per selected expert")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    parser.add_argument("--license", default=None, help="license for the model card (default: the source's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder")
+    parser.add_argument(
+        "--license", metavar="ID", default=None, help="license for the model card (default: the source's)"
+    )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {
-        "capacity_factor": args.capacity_factor,
-        "eval_capacity_factor": args.eval_capacity_factor,
-        "drop_policy": args.drop_policy,
-        "router_aux_loss_coef": args.aux_loss_coef,
-        "router_z_loss_coef": args.z_loss_coef,
-        "expert_dropout": args.expert_dropout,
-        "normalize_top_k_weights": args.normalize_top_k_weights,
-    }
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    if args.unit_combine_weights:
-        overrides["unit_combine_weights"] = True
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:  # fail before the (long) conversion
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
-    model = moefy(
-        args.src,
-        num_experts=args.num_experts,
-        top_k=args.top_k,
-        router_type=args.router_type,
-        init=args.init,
-        noise_scale=args.noise_scale,
-        drop_ratio=args.drop_ratio,
-        split_partition=args.split_partition,
-        moe_layers=args.moe_layers,
-        encoder_moe_layers=args.encoder_moe_layers,
-        decoder_moe_layers=args.decoder_moe_layers,
-        seed=args.seed,
-        progress=True,
-        **overrides,
-    )
-    report = model.moefy_report
-
-    def write_card(folder: Path) -> None:
-        from ..hub import render_model_card, save_model_card
-
-        base_model = None if Path(args.src).exists() else args.src
-        card = render_model_card(
-            model.config,
-            report=report.to_dict(),
-            base_model=base_model,
-            license=args.license or _source_license(args.src),
-            model_name=out.name,
-            repo_id=args.push_to_hub,
-        )
-        save_model_card(folder, card)
-
-    save_converted(model, out, source=args.src, overwrite=args.overwrite, write_extras=write_card)
+    try:
+        model, report, out = _convert_and_save(args)
+    except KeyboardInterrupt as interrupt:
+        # save_converted removes its temp folder on the way out, so unless it says otherwise nothing is on disk
+        raise KeyboardInterrupt(str(interrupt) or "nothing written") from None
     counts = report.parameters
     print(
         f"wrote {out}: {report.target_class}, {report.num_experts} experts, top-{report.top_k}, init={report.init_method}, "
@@ -104,8 +164,144 @@ def run(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         from ..hub import push_folder_to_hub
 
-        print(f"uploaded: {push_folder_to_hub(out, args.push_to_hub, private=args.private or None)}")
+        try:
+            url = push_folder_to_hub(out, args.push_to_hub, private=args.private or None)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{out} is complete but the upload to {args.push_to_hub} did not finish") from None
+        print(f"uploaded: {url}")
     return 0
+
+
+def _convert_and_save(args: argparse.Namespace):
+    _check_arguments(args)
+    out = _check_out(Path(args.out), overwrite=args.overwrite)
+
+    from ..conversion import INIT_METHODS, moefy, save_converted
+    from ..conversion.source import resolve_source
+    from ..modeling.dispatch import CAPACITY_SCOPES, DROP_POLICIES
+    from ..modeling.registry import BALANCE_LOSSES, ROUTERS
+
+    source = resolve_source(args.src)
+    _check_name("--router-type", args.router_type, tuple(ROUTERS))
+    _check_name("--init", args.init, tuple(INIT_METHODS))
+    _check_name("--aux-loss-type", args.aux_loss_type, tuple(BALANCE_LOSSES))
+    _check_name("--capacity-scope", args.capacity_scope, CAPACITY_SCOPES)
+    _check_name("--drop-policy", args.drop_policy, DROP_POLICIES)
+    if Path(source).is_dir():
+        _check_source_weights(source)
+
+    overrides = {
+        "capacity_factor": args.capacity_factor,
+        "eval_capacity_factor": args.eval_capacity_factor,
+        "expert_capacity": args.expert_capacity,
+        "capacity_scope": args.capacity_scope,
+        "drop_policy": args.drop_policy,
+        "aux_loss_type": args.aux_loss_type,
+        "router_aux_loss_coef": args.aux_loss_coef,
+        "router_z_loss_coef": args.z_loss_coef,
+        "expert_dropout": args.expert_dropout,
+        "normalize_top_k_weights": args.normalize_top_k_weights,
+        "unit_combine_weights": True if args.unit_combine_weights else None,
+    }
+    init_options = {
+        "noise_scale": args.noise_scale,
+        "drop_ratio": args.drop_ratio,
+        "split_partition": args.split_partition,
+    }
+    model = moefy(
+        source,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        router_type=args.router_type,
+        init=args.init,
+        moe_layers=args.moe_layers,
+        encoder_moe_layers=args.encoder_moe_layers,
+        decoder_moe_layers=args.decoder_moe_layers,
+        seed=args.seed,
+        progress=True,
+        **{key: value for key, value in {**init_options, **overrides}.items() if value is not None},
+    )
+    report = model.moefy_report
+    if not Path(args.src).expanduser().exists():
+        report.source_model = args.src  # a Hub id loaded from its cache folder: record the id, not the cache path
+
+    def write_card(folder: Path) -> None:
+        from ..hub import render_model_card, save_model_card
+
+        card = render_model_card(
+            model.config,
+            report=report.to_dict(),
+            base_model=None if Path(args.src).expanduser().exists() else args.src,  # a Hub id, even if cached
+            license=args.license or _source_license(source),
+            model_name=out.name,
+            repo_id=args.push_to_hub,
+        )
+        save_model_card(folder, card)
+
+    save_converted(model, out, source=source, overwrite=args.overwrite, write_extras=write_card)
+    return model, report, out
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Checks across arguments (each one's own range was checked by its argparse type)."""
+    if args.top_k > args.num_experts:
+        raise ValueError(
+            f"--top-k {args.top_k} exceeds --num-experts {args.num_experts}; choose 1..{args.num_experts}"
+        )
+    for option, value, init in (
+        ("--noise-scale", args.noise_scale, "noise"),
+        ("--drop-ratio", args.drop_ratio, "drop_upcycle"),
+        ("--split-partition", args.split_partition, "split"),
+    ):
+        if value is not None and args.init != init:
+            raise ValueError(f"{option} applies only with --init {init}, got --init {args.init}")
+    # the other cross-field rules (--expert-capacity vs the factors, unit vs normalized weights) are the config's
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private applies only with --push-to-hub REPO_ID")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError:
+            raise ValueError(
+                f"--push-to-hub {args.push_to_hub!r} is not a Hub repo id; use 'name' or 'namespace/name' "
+                "(letters, digits, '-', '_', '.')"
+            ) from None
+
+
+def _check_out(out: Path, *, overwrite: bool) -> Path:
+    """OUT must be a folder we may fill: absent, empty, or (with --overwrite) a folder to replace; never a file."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(
+            f"OUT {out} is a file; OUT must be a folder that is absent or empty (or, with --overwrite, a folder)"
+        )
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before the (long) conversion
+        raise FileExistsError(f"OUT {out} is not empty; pass --overwrite to replace it, or choose a new folder")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FileExistsError(f"OUT {out} cannot be created: {ancestor} is a file, not a folder")
+    return out
+
+
+def _check_name(option: str, value: str | None, allowed: tuple[str, ...]) -> None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"{option} {value!r} is not known; choose one of {', '.join(allowed)}")
+
+
+def _check_source_weights(folder: str) -> None:
+    """A truncated or foreign weights file would fail deep inside loading (or, for missing tensors, load as random
+    weights with a warning); read the headers first and name the file."""
+    from transformers import AutoConfig
+
+    from ..conversion import SUPPORTED_MODEL_TYPES
+    from .inspect import check_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type in SUPPORTED_MODEL_TYPES:  # anything else gets moefy's own "supports model types" error
+        check_weights(Path(folder), config, option="SRC")
 
 
 def _source_license(src: str) -> str | None:

@@ -1,31 +1,47 @@
 """moefy: turn a dense GPT-2 or T5 checkpoint into the matching hf_moe Mixture-of-Experts model.
 
-Every non-FFN weight is copied exactly (checked name by name: a dense weight with no place in the MoE model is an
-error, never silently dropped). Each chosen layer's FFN becomes E experts by a dense-to-sparse init method
-(`init_methods.py`); routers start small and random from the seed. The MoE model is allocated without random init and
-filled layer by layer, so peak memory is the dense model plus the MoE model.
+What moefy knows about a family is its declared `FamilyMapping` (`gpt2.py`, `t5.py`; the protocol is in `family.py`)
+plus the `moe_part` markers of the MoE model: no module path is written here. Every non-FFN weight is copied exactly
+(checked name by name: a dense weight with no place in the MoE model is an error, never silently dropped). Each chosen
+layer's FFN becomes E experts by a dense-to-sparse init method (`init_methods.py`); routers start small and random
+from the seed. The MoE model is allocated without random init and filled layer by layer, so peak memory is the dense
+model plus the MoE model.
+
+Sources: a model object, a local folder, or a Hub id (`source.resolve_source`: from the local Hub cache without any
+network request when it is there, else downloaded if one quick request finds it on the Hub; a missing folder or an
+unknown id is named at once, never after a minute of retries).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib.metadata
+import json
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import transformers
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..modeling._compat import from_config_without_init
+from ..modeling.moe_parts import moe_blocks, moe_experts, moe_parts, moe_routers
 from . import gpt2, t5
+from .family import FamilyMapping, LayerPlan
 from .init_methods import INIT_METHODS, init_experts
 from .report import ConversionReport
+from .source import looks_like_repo_id, resolve_source
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "moefy"]
+__all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "moefy"]
 
-FAMILIES: dict[str, ModuleType] = {model_type: family for family in (gpt2, t5) for model_type in family.MODEL_TYPES}
+FAMILIES: dict[str, FamilyMapping] = {
+    model_type: family for family in (gpt2.FAMILY, t5.FAMILY) for model_type in family.model_types
+}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+# MoE config fields that moefy sets from its own named arguments: an override of them would be ambiguous
+_SET_BY_ARGUMENT = {"num_local_experts": "num_experts", "num_experts_per_tok": "top_k", "router_type": "router_type"}
 
 
 def moefy(
@@ -45,7 +61,8 @@ def moefy(
     progress: bool = False,
     **config_overrides,
 ) -> PreTrainedModel:
-    """Convert a dense model (object, local folder or Hub id) into an MoE model of the matching family.
+    """Convert a dense model (object, local folder, or Hub id from the local Hub cache) into an MoE model of the
+    matching family. Nothing is downloaded: a Hub id that is not cached is a `FileNotFoundError`.
 
     Args:
         num_experts, top_k, router_type: experts per MoE layer, experts per token, router by registry name.
@@ -53,56 +70,69 @@ def moefy(
         noise_scale: "noise" only: noise std as a fraction of each weight's std.
         drop_ratio: "drop_upcycle" only: fraction of each expert's intermediate neurons re-initialized.
         split_partition: "split" only: "random" or "clustered" partition of the intermediate neurons.
-        moe_layers: GPT-2 layers to convert ('all', 'every_other', 'top:N', 'bottom:N', '0,2' or a list).
-        encoder_moe_layers, decoder_moe_layers: the same for T5's two stacks.
+        moe_layers: layers to convert ('all', 'every_other', 'top:N', 'bottom:N', '0,2' or a list); for T5 the
+            default of both stacks.
+        encoder_moe_layers, decoder_moe_layers: the same for one of T5's two stacks.
         seed: seeds every random choice (noise, re-initialized subsets, partitions, router init).
         progress: show a tqdm bar over layers.
-        config_overrides: any other MoE config field (capacity_factor, router_aux_loss_coef, expert_dropout, ...).
+        config_overrides: other MoE config fields (capacity_factor, router_aux_loss_coef, expert_dropout, ...); any
+            other name is a `ValueError` listing the allowed ones. Dense fields come from the source model.
 
     Returns the MoE model; `model.moefy_report` holds the `ConversionReport`.
     """
     if init not in INIT_METHODS:
         raise ValueError(f"init must be one of {tuple(INIT_METHODS)}, got {init!r}")
-    dense, source_name = _load_dense(model_or_path)
-    family = _family_for(dense.config.model_type)
-    target_class = family.TARGET_CLASSES.get(type(dense).__name__)
+    # everything that can be checked on the config is checked before the (possibly long) weight load
+    dense_config, source_class, load_dense, source_name = _resolve_source(model_or_path)
+    family = _family_for(dense_config.model_type)
+    target_class = family.target_classes.get(source_class)
     if target_class is None:
+        got = f"{source_name} is a {source_class}" if source_name != source_class else f"got {source_class}"
         raise ValueError(
-            f"moefy converts {', '.join(family.TARGET_CLASSES)} for model type {dense.config.model_type!r}; "
-            f"got {type(dense).__name__}"
+            f"moefy converts {', '.join(family.target_classes)} for model type {dense_config.model_type!r}; {got}"
         )
-    init_options = {
-        "noise": {"noise_scale": noise_scale},
-        "drop_upcycle": {"drop_ratio": drop_ratio},
-        "split": {"partition": split_partition},
-    }.get(init, {})
-    moe_fields = {"num_local_experts": num_experts, "num_experts_per_tok": top_k, "router_type": router_type}
-    moe_fields.update(config_overrides)
-    if init == "split":
-        # each expert keeps F / E of the dense neurons
-        moe_fields.setdefault("moe_intermediate_size", family.dense_intermediate_size(dense.config) // num_experts)
+    _check_overrides(family, target_class, config_overrides)
     layer_specs = {
         "moe_layers": moe_layers,
         "encoder_moe_layers": encoder_moe_layers,
         "decoder_moe_layers": decoder_moe_layers,
     }
-    config = family.moe_config(dense.config, moe_fields, layer_specs)
+    selected_layers = family.select_moe_layers(dense_config, layer_specs)
+    init_options = {
+        "noise": {"noise_scale": noise_scale},
+        "drop_upcycle": {"drop_ratio": drop_ratio},
+        "split": {"partition": split_partition},
+    }.get(init, {})
+
+    dense = load_dense()
+    moe_fields = {"num_local_experts": num_experts, "num_experts_per_tok": top_k, "router_type": router_type}
+    moe_fields.update(config_overrides)
+    if init == "split":
+        # each expert keeps F / E of the dense neurons
+        moe_fields.setdefault("moe_intermediate_size", family.dense_intermediate_size(dense) // num_experts)
+    config = family.build_config(dense.config, {**selected_layers, **moe_fields})
 
     moe = from_config_without_init(target_class, config, dtype=dense.dtype)  # every weight is written below
     moe.tie_weights()  # post_init's tying is skipped with the init under no_init_weights
-    pairs = list(family.layer_pairs(dense, moe, config))
-    _copy_shared_weights(dense, moe, dense_ffn_modules=[ffn_module for _, ffn_module, _, _ in pairs])
+    plans = family.layer_plans(dense, moe, selected_layers)
+    unplanned = [name for name, block in moe_blocks(moe) if all(block is not plan.block for plan in plans)]
+    if unplanned:
+        # their experts would keep the uninitialized memory of `torch.empty`
+        raise RuntimeError(
+            f"moefy: the {family.name} mapping finds no dense FFN for the MoE blocks {unplanned} "
+            f"(is its block template {family.block!r} right?)"
+        )
+    dense_state = dense.state_dict()
+    _copy_shared_weights(dense_state, moe, plans)
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _label, _, ffn, block in _progress(pairs, progress):
-            # initialized on the CPU (seeded, device-independent), then written to the experts' device
-            ffn.tensors = {name: t.detach().to("cpu", torch.float32) for name, t in ffn.tensors.items()}
-            experts = family.expert_parameters(init_experts(ffn, num_experts, init, generator, **init_options))
-            for name, tensor in experts.items():
-                getattr(block.experts, name).copy_(tensor)
+        for plan in _progress(plans, progress):
+            ffn = plan.kind.dense_ffn(dense_state, plan.dense_names)  # float32 on the CPU: seeded, device-independent
+            experts_tensors = init_experts(ffn, num_experts, init, generator, **init_options)
+            _write_experts(family, plan, plan.kind.expert_parameters(experts_tensors))
             # small and random, never all zero: with identical experts, equal logits would tie every routing decision
-            block.router.init_weights(config.router_init_std, generator=generator)
+            _one_part(plan, "router").init_weights(config.router_init_std, generator=generator)
     if getattr(dense, "generation_config", None) is not None:
         moe.generation_config = copy.deepcopy(dense.generation_config)
     moe.to(dense.device)
@@ -119,7 +149,7 @@ def moefy(
         num_experts=num_experts,
         top_k=top_k,
         router_type=router_type,
-        moe_layers=family.moe_layers_of(config),
+        moe_layers=family.report_layers(selected_layers),
         parameters=config.parameter_counts(),
         dense_parameters=dense.num_parameters(),
         versions={
@@ -131,55 +161,137 @@ def moefy(
     return moe
 
 
-def _load_dense(model_or_path) -> tuple[PreTrainedModel, str]:
+def _resolve_source(model_or_path) -> tuple[PretrainedConfig, str, Callable[[], PreTrainedModel], str]:
+    """(dense config, source class name, loader of the dense model, source name), without loading any weights."""
     if isinstance(model_or_path, PreTrainedModel):
-        return model_or_path, getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__
+        name = getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__
+        return model_or_path.config, type(model_or_path).__name__, lambda: model_or_path, name
     if not isinstance(model_or_path, (str, Path)):
         raise TypeError(f"moefy takes a transformers model, a folder or a Hub id; got {type(model_or_path).__name__}")
     source = str(model_or_path)
-    config = AutoConfig.from_pretrained(source)
-    family = _family_for(config.model_type)
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    if architecture is None:
-        model_class = family.DEFAULT_SOURCE_CLASS
-    elif architecture in family.TARGET_CLASSES:
-        model_class = getattr(transformers, architecture)
+    path = Path(source).expanduser()
+    location = source  # the folder transformers loads from (for a Hub id: its snapshot in the local Hub cache)
+    if path.is_dir():
+        location = str(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(
+                f"{source} has no config.json; moefy converts saved transformers models of model types "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+    elif path.exists():
+        raise FileNotFoundError(f"moefy takes a model folder; {source} is a file, not a folder")
+    elif isinstance(model_or_path, Path) or not looks_like_repo_id(source):
+        raise FileNotFoundError(f"{source} not found: not a folder (and not a Hub id)")
     else:
-        raise ValueError(
-            f"moefy converts {', '.join(family.TARGET_CLASSES)} for model type {config.model_type!r}; "
-            f"{source} is a {architecture}"
-        )
-    return model_class.from_pretrained(source), source
+        # a snapshot folder of the local Hub cache (loaded as a folder: no network at all), or an id the Hub has
+        location = resolve_source(source, option="moefy source")
+        config_file = Path(location) / "config.json"
+    is_local = Path(location).is_dir()
+    if is_local:
+        # the model type first, from the file itself: an unsupported or unknown type gets moefy's message, not
+        # AutoConfig's (which needs the type registered)
+        _family_for(json.loads(config_file.read_text()).get("model_type"))
+    config = AutoConfig.from_pretrained(location, local_files_only=is_local)
+    family = _family_for(config.model_type)
+    source_class = (getattr(config, "architectures", None) or [family.default_source_class])[0]
+
+    def load() -> PreTrainedModel:
+        try:
+            return getattr(transformers, source_class).from_pretrained(location, local_files_only=is_local)
+        except OSError as error:
+            if not is_local or path.is_dir():
+                raise
+            raise FileNotFoundError(
+                f"{source}: the config is in the local Hub cache ({location}) but not all of the weights; run "
+                f"`hf download {source}`"
+            ) from error
+
+    return config, source_class, load, source
 
 
-def _family_for(model_type: str) -> ModuleType:
+def _family_for(model_type: str | None) -> FamilyMapping:
     if model_type not in FAMILIES:
-        already_moe = model_type.endswith("_moe")
+        already_moe = isinstance(model_type, str) and model_type.endswith("_moe")
         hint = " (it is already an MoE model)" if already_moe else ""
         raise ValueError(f"moefy supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r}{hint}")
     return FAMILIES[model_type]
 
 
-def _copy_shared_weights(dense: PreTrainedModel, moe: PreTrainedModel, dense_ffn_modules: list) -> None:
+def _check_overrides(family: FamilyMapping, target_class: type, overrides: dict) -> None:
+    """Only MoE config fields of the family, and none that moefy sets from its own arguments: a config stores any
+    keyword it is given, so a typo would otherwise be kept and do nothing."""
+    aliases = getattr(target_class.config_class, "attribute_map", {})
+    for name in overrides:
+        field = aliases.get(name, name)
+        argument = _SET_BY_ARGUMENT.get(field) or (field if field in family.layer_fields else None)
+        if argument is not None:
+            raise ValueError(
+                f"moefy sets {field} from its own {argument}= argument; pass {argument}={overrides[name]!r} "
+                f"instead of {name}="
+            )
+    allowed = [n for n in family.moe_config_fields if n not in _SET_BY_ARGUMENT and n not in family.layer_fields]
+    unknown = [name for name in overrides if name not in allowed]
+    if unknown:
+        described = []
+        for name in unknown:
+            hint = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+            described.append(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        raise ValueError(
+            f"moefy got {', '.join(described)}: not an MoE config field of {family.name} models (dense fields come "
+            f"from the source model). Besides moefy's own arguments it takes: {', '.join(allowed)}"
+        )
+
+
+def _one_part(plan: LayerPlan, kind: str):
+    parts = moe_parts(plan.block, kind)
+    if len(parts) != 1:
+        raise RuntimeError(f"moefy: the MoE block {plan.label} has {len(parts)} parts marked {kind!r}, expected one")
+    return parts[0][1]
+
+
+def _write_experts(family: FamilyMapping, plan: LayerPlan, tensors: dict[str, torch.Tensor]) -> None:
+    parameters = dict(_one_part(plan, "experts").named_parameters())
+    if set(parameters) != set(tensors):
+        # an experts parameter the mapping does not fill would keep the uninitialized memory of `torch.empty`
+        raise RuntimeError(
+            f"moefy: the {family.name} mapping ({plan.kind.name}) makes {sorted(tensors)} for {plan.label}.experts, "
+            f"which holds {sorted(parameters)}"
+        )
+    for name, tensor in tensors.items():
+        if parameters[name].shape != tensor.shape:
+            raise RuntimeError(
+                f"moefy: {plan.label}.experts.{name} is {tuple(parameters[name].shape)}, the {family.name} mapping "
+                f"makes {tuple(tensor.shape)} (a missing or wrong `transpose` in the mapping?)"
+            )
+        parameters[name].copy_(tensor)
+
+
+def _copy_shared_weights(dense_state: dict, moe: PreTrainedModel, plans: list[LayerPlan]) -> None:
     """Copy every dense weight that keeps its name; fail loudly on any weight that would be lost."""
-    dense_state, moe_state = dense.state_dict(), moe.state_dict()
-    converted_ids = {id(p) for module in dense_ffn_modules for p in module.parameters()}
-    converted = {name for name, p in dense.named_parameters() if id(p) in converted_ids}
+    moe_state = moe.state_dict()
+    consumed = {name for plan in plans for name in plan.dense_names.values()}
+    # routers and experts are written by the router init and the init method, whatever their tensors are called
+    initialized = {
+        f"{prefix}.{key}" if prefix else key
+        for prefix, module in (*moe_routers(moe), *moe_experts(moe))
+        for key in module.state_dict()
+    }
     with torch.no_grad():
         for name, target in moe_state.items():
-            if ".experts." in name or ".router." in name:
-                continue  # written by the init method / router init
+            if name in initialized:
+                continue
             if name not in dense_state or dense_state[name].shape != target.shape:
                 raise RuntimeError(f"moefy: the MoE weight {name} {tuple(target.shape)} has no dense counterpart")
             target.copy_(dense_state[name])
-    lost = set(dense_state) - set(moe_state) - converted
+    lost = set(dense_state) - set(moe_state) - consumed
     if lost:
         raise RuntimeError(f"moefy: these dense weights have no place in the MoE model: {sorted(lost)}")
 
 
-def _progress(pairs: list, enabled: bool):
+def _progress(plans: list[LayerPlan], enabled: bool):
     if not enabled:
-        return pairs
+        return plans
     from tqdm.auto import tqdm
 
-    return tqdm(pairs, desc="moefy", unit="layer")
+    return tqdm(plans, desc="moefy", unit="layer")

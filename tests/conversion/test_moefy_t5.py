@@ -79,6 +79,9 @@ def test_encoder_and_decoder_layers_are_chosen_separately():
     assert [block.is_moe for block in moe.decoder.block] == [False, False, True]
     shared = moefy(dense_t5(), num_experts=2, top_k=1, moe_layers="bottom:1")
     assert shared.moefy_report.moe_layers == {"encoder": [0], "decoder": [0]}
+    # an empty list means no layer, not "fall back to moe_layers"
+    empty = moefy(dense_t5(), num_experts=2, top_k=1, moe_layers="all", encoder_moe_layers=[])
+    assert empty.moefy_report.moe_layers == {"encoder": [], "decoder": [0, 1, 2]}
 
 
 def test_routers_of_both_stacks_learn_after_upcycling():
