@@ -104,9 +104,12 @@ def moefy(
         "split": {"partition": split_partition},
     }.get(init, {})
 
-    dense = load_dense()
     moe_fields = {"num_local_experts": num_experts, "num_experts_per_tok": top_k, "router_type": router_type}
     moe_fields.update(config_overrides)
+    # built once before the weights load only to validate it: a bad value is reported at once, not minutes later
+    family.build_config(dense_config, {**selected_layers, **moe_fields})
+
+    dense = load_dense()
     if init == "split":
         # each expert keeps F / E of the dense neurons
         moe_fields.setdefault("moe_intermediate_size", family.dense_intermediate_size(dense) // num_experts)

@@ -172,3 +172,14 @@ def test_a_cached_hub_id_without_its_weights_says_so(no_network, hub_cache):
     dense_gpt2().config.save_pretrained(repo / "snapshots" / commit)
     with pytest.raises(FileNotFoundError, match="in the local Hub cache .* but not all of the weights"):
         moefy("someone/config-only")
+
+
+def test_a_bad_config_value_is_reported_before_the_weights_load(tmp_path, monkeypatch):
+    dense_gpt2().save_pretrained(tmp_path)
+
+    def not_now(*args, **kwargs):
+        raise AssertionError("weights loaded before the MoE config was validated")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", not_now)
+    with pytest.raises(Exception, match="expert_capacity"):
+        moefy(str(tmp_path), num_experts=2, top_k=1, expert_capacity=3, capacity_factor=1.0)
