@@ -105,6 +105,7 @@ def train(args: argparse.Namespace, world_size: int) -> None:
 
     model_class = hf_moe.T5MoeForConditionalGeneration if config.model_type == "t5_moe" else hf_moe.GPT2MoeForCausalLM
     distributed = dict(distributed_config=layout) if world_size > 1 else {}
+    # distributed, the model also flattens the experts' 2D (efsdp, ep) mesh: their gradient norm is one all_reduce
     model = model_class.from_pretrained(folder, **distributed)
 
     training_args = TrainingArguments(
@@ -124,8 +125,8 @@ def train(args: argparse.Namespace, world_size: int) -> None:
     # MoeTrainer writes the sharded optimizer state with PyTorch Distributed Checkpoint, so the run can resume
     trainer = hf_moe.MoeTrainer(model=model, args=training_args, train_dataset=dataset)
     resume = True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=resume)
     final = os.path.join(args.output_dir, "final")
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(final)  # collective: every rank joins the gather, rank 0 writes one consolidated folder
 
     if int(os.environ.get("RANK", 0)) == 0:

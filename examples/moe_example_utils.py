@@ -1,8 +1,10 @@
-"""Helpers shared by the example scripts: a corpus every machine has, a tokenizer trained on the fly, local text
-datasets, the MoE metrics in a Trainer's log history, and small I/O helpers.
+"""Helpers shared by the example scripts only: local text datasets, tokenizers from folders, short log lines, the MoE
+metrics in a Trainer's log history, and small I/O and process helpers.
 
-The examples import this file as a sibling module (`python examples/run_clm_moe.py` puts `examples/` on `sys.path`),
-so each script stays short and the three agree on how data is found and results are written.
+The offline corpus and the tokenizer trained on the fly are part of the package (`hf_moe.training.text_data`: users
+who `pip install hf-moe` have them without this folder). The examples import this file as a sibling module
+(`python examples/run_clm_moe.py` puts `examples/` on `sys.path`), so each script stays short and they agree on how
+data is found and results are written.
 """
 
 from __future__ import annotations
@@ -10,78 +12,30 @@ from __future__ import annotations
 import gc
 import json
 import os
-import sysconfig
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from datasets import DatasetDict, load_dataset
-from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast, TrainingArguments
+from transformers import (
+    AutoTokenizer,
+    GPT2TokenizerFast,
+    PreTrainedTokenizerFast,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_callback import PrinterCallback
 
 __all__ = [
-    "default_text_files",
+    "ShortLogPrinter",
     "load_pretrained_tokenizer",
     "load_text_datasets",
     "log_world",
     "moe_metrics",
-    "read_texts",
-    "train_bpe_tokenizer",
+    "print_short_logs",
+    "short_log_line",
+    "shut_down_distributed",
     "write_json",
 ]
-
-
-def default_text_files(folder: Path, corpus_bytes: int, validation_every: int = 20) -> tuple[Path, Path]:
-    """Write a train and a validation text file built from the Python standard library's source.
-
-    Every machine with Python has this text, so the examples run offline without any download. Every
-    `validation_every`-th file goes to validation, so no document is in both splits.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    train_path, validation_path = folder / "train.txt", folder / "validation.txt"
-    if train_path.is_file() and validation_path.is_file():  # another rank (or an earlier run) wrote them
-        return train_path, validation_path
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    # sorted, tests left out: the same corpus on every machine with this Python version
-    files = sorted(p for p in stdlib.rglob("*.py") if not {"test", "tests", "site-packages"} & set(p.parts))
-    splits: dict[str, list[str]] = {"train": [], "validation": []}
-    size = 0
-    for index, path in enumerate(files):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        splits["validation" if index % validation_every == validation_every - 1 else "train"].append(text)
-        size += len(text)
-        if size >= corpus_bytes:
-            break
-    if not splits["validation"]:  # a very small corpus: hold out its last file
-        splits["validation"].append(splits["train"].pop())
-    # written to temp names then renamed: a rank that sees the files sees them whole
-    for path, texts in ((train_path, splits["train"]), (validation_path, splits["validation"])):
-        partial = path.with_suffix(f".partial-{os.getpid()}")
-        partial.write_text("\n".join(texts), encoding="utf-8")
-        partial.replace(path)
-    return train_path, validation_path
-
-
-def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, special_tokens: list[str], **named_special_tokens: str
-) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `texts` (seconds on a few MB): no download, and a small vocabulary keeps the
-    embedding matrix, and so a CPU run, small. `special_tokens` get the first ids, in order;
-    `named_special_tokens` maps roles to them, e.g. eos_token="</s>"."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    # GPT-2's byte-level BPE: every byte is in the alphabet, so no text is ever unknown
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, **named_special_tokens)
 
 
 def load_pretrained_tokenizer(name: str) -> PreTrainedTokenizerFast:
@@ -91,12 +45,6 @@ def load_pretrained_tokenizer(name: str) -> PreTrainedTokenizerFast:
     if folder.is_dir() and (folder / "merges.txt").is_file() and not (folder / "tokenizer_config.json").is_file():
         return GPT2TokenizerFast.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(name)
-
-
-def read_texts(files: list[Path]) -> Iterator[str]:
-    """The files' contents, one file at a time (a tokenizer trainer's input)."""
-    for path in files:
-        yield Path(path).read_text(encoding="utf-8", errors="replace")
 
 
 def load_text_datasets(
@@ -126,6 +74,60 @@ def moe_metrics(log_history: list[dict]) -> dict[str, float]:
     for record in log_history:
         latest.update({key: value for key, value in record.items() if key.startswith(("moe/", "eval_moe/"))})
     return latest
+
+
+# model-wide MoE summaries shown in a log line, with short names; everything else stays in the log history
+_MOE_SUMMARY = {
+    "load_imbalance": "imbalance",
+    "load_imbalance_max": "imbalance_max",
+    "cv": "cv",
+    "router_entropy": "entropy",
+    "dropped_fraction": "dropped",
+    "dead_experts": "dead",
+    "aux_loss": "aux",
+    "z_loss": "z",
+}
+
+
+def short_log_line(logs: dict, step: int) -> str:
+    """One Trainer log as one short line: the Trainer's own numbers, then the model-wide MoE summaries.
+
+    With `LoadBalanceCallback` a log holds a value per layer and expert (`moe/layer_03/token_fraction_expert_07`):
+    printed whole it is a line of thousands of characters. Those stay in `trainer.state.log_history` (and
+    `metrics.json`); the line shows `moe/load_imbalance`, `moe/cv`, ... only.
+    """
+    plain, moe, moe_prefix = [], [], ""
+    for key, value in logs.items():
+        if key == "total_flos":  # as Trainer's own printer: a large number nobody reads in a log line
+            continue
+        prefix, found, name = key.partition("moe/")
+        if not found:
+            plain.append(f"{key} {_number(value)}")
+        elif name in _MOE_SUMMARY:  # "moe/cv" in training logs, "eval_moe/cv" in evaluation logs
+            moe.append(f"{_MOE_SUMMARY[name]} {_number(value)}")
+            moe_prefix = prefix
+    line = f"step {step}: " + ", ".join(plain)
+    if moe:
+        line += f" | {moe_prefix}moe: " + ", ".join(moe)
+    return line
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class ShortLogPrinter(TrainerCallback):
+    """Prints every Trainer log as a `short_log_line` (main process), in place of Trainer's `PrinterCallback`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            print(short_log_line(logs, state.global_step))
+
+
+def print_short_logs(trainer) -> None:
+    """Replace the Trainer's log printer (the whole dict per log, with `disable_tqdm=True`) by `ShortLogPrinter`."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ShortLogPrinter())
 
 
 def log_world(args: TrainingArguments, output_dir: Path, **extra) -> dict:

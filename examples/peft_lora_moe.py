@@ -18,24 +18,20 @@ The base is `--model` (a GPT-2 MoE or T5 MoE folder, e.g. the output of run_clm_
 `--family` upcycled with moefy and saved first to OUTPUT_DIR/base. Training text is `--text-file` or the Python
 standard library's source: language modeling for GPT-2, span corruption (run_seq2seq_moe.py's collator) for T5.
 
-    python examples/peft_lora_moe.py --family gpt2 --output-dir lora_gpt2_moe
-    python examples/peft_lora_moe.py --family t5 --output-dir lora_t5_moe
+    python examples/peft_lora_moe.py --family gpt2 --output-dir outputs/lora_gpt2_moe
+    python examples/peft_lora_moe.py --family t5 --output-dir outputs/lora_t5_moe
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import warnings
 from itertools import chain
 from pathlib import Path
 
 import torch
-from moe_example_utils import (
-    default_text_files,
-    load_text_datasets,
-    read_texts,
-    train_bpe_tokenizer,
-    write_json,
-)
+from moe_example_utils import load_text_datasets, write_json
 from peft import LoraConfig, PeftModel, get_peft_model
 from run_seq2seq_moe import SpanCorruptionCollator, sentinel_ids
 from transformers import (
@@ -54,6 +50,7 @@ from transformers import (
 )
 
 from hf_moe.conversion import moefy  # importing hf_moe registers the MoE families with the Auto classes
+from hf_moe.training import default_text_files, read_texts, train_bpe_tokenizer
 
 # attention modules LoRA targets by default: GPT-2's fused q/k/v projection, T5's query and value projections
 ATTENTION_MODULES = {"gpt2": ["c_attn"], "t5": ["q", "v"]}
@@ -85,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--logging-steps", type=int, default=20, help="log the loss every N steps")
-    parser.add_argument("--output-dir", type=Path, default=Path("lora_moe"), help="base, adapters, merged, metrics")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("outputs/lora_moe"), help="base, adapters, merged, metrics"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the base model, LoRA init and data order")
     return parser.parse_args(argv)
 
@@ -206,11 +205,26 @@ def lora_configs(args: argparse.Namespace, family: str, model: PreTrainedModel) 
     return configs
 
 
+@contextlib.contextmanager
+def peft_wraps_quietly():
+    """Silence one deprecation that PEFT, not this script, triggers when it wraps a model.
+
+    `PeftModel.__init__` (peft 0.21.2) reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecated in
+    favour of `is_activation_checkpointing` (a FutureWarning on every wrap). Avoiding the read would mean shadowing
+    transformers' property in our model classes; instead the filter matches that one message, only around PEFT's
+    wrapping. Remove it once PEFT reads the new name.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def attach_lora(model: PreTrainedModel, configs: dict[str, LoraConfig]) -> PeftModel:
     """Add every adapter and make all of them active and trainable (PeftModel.set_adapter takes one name; the
     underlying LoraModel takes a list)."""
     names = list(configs)
-    peft_model = get_peft_model(model, configs[names[0]], adapter_name=names[0])
+    with peft_wraps_quietly():
+        peft_model = get_peft_model(model, configs[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, configs[name])
     peft_model.base_model.set_adapter(names)
@@ -219,7 +233,8 @@ def attach_lora(model: PreTrainedModel, configs: dict[str, LoraConfig]) -> PeftM
 
 def load_adapters(base: PreTrainedModel, adapters_dir: Path, names: list[str]) -> PeftModel:
     """Load the adapters `PeftModel.save_pretrained` wrote (one subfolder per named adapter), all active."""
-    peft_model = PeftModel.from_pretrained(base, adapters_dir / names[0], adapter_name=names[0])
+    with peft_wraps_quietly():
+        peft_model = PeftModel.from_pretrained(base, adapters_dir / names[0], adapter_name=names[0])
     for name in names[1:]:
         peft_model.load_adapter(adapters_dir / name, adapter_name=name)
     peft_model.base_model.set_adapter(names)

@@ -13,10 +13,10 @@ fine-tuned model, its tokenizer and `metrics.json` (eval loss, perplexity withou
 MoE metrics).
 
 One process:
-    python examples/run_clm_moe.py --output-dir clm_moe
+    python examples/run_clm_moe.py --output-dir outputs/clm_moe
 Data-parallel on 2 CPU processes (gloo); `--cpu` would start only one process, see the README:
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
-        examples/run_clm_moe.py --output-dir clm_moe_ddp
+        examples/run_clm_moe.py --output-dir outputs/clm_moe_ddp
 """
 
 from __future__ import annotations
@@ -27,14 +27,12 @@ from pathlib import Path
 
 import torch
 from moe_example_utils import (
-    default_text_files,
     load_pretrained_tokenizer,
     load_text_datasets,
     log_world,
     moe_metrics,
-    read_texts,
+    print_short_logs,
     shut_down_distributed,
-    train_bpe_tokenizer,
     write_json,
 )
 from transformers import (
@@ -51,7 +49,7 @@ from transformers import (
 import hf_moe
 from hf_moe import LoadBalanceCallback
 from hf_moe.conversion import moefy
-from hf_moe.training import perplexity
+from hf_moe.training import default_text_files, perplexity, read_texts, train_bpe_tokenizer
 
 EOS = "<|endoftext|>"
 
@@ -80,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max-eval-samples", type=int, default=100, help="evaluate on at most this many blocks")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output-dir", type=Path, default=Path("clm_moe"), help="where the model and metrics go")
+    train.add_argument(
+        "--output-dir", type=Path, default=Path("outputs/clm_moe"), help="where the model and metrics go"
+    )
     train.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per device per step")
     train.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
@@ -233,8 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        callbacks=[LoadBalanceCallback()],
     )
+    # first in the callback list, so the reporting integrations (TensorBoard, ...) get its metrics in the same step
+    LoadBalanceCallback().attach_to(trainer)
+    print_short_logs(trainer)  # per-layer, per-expert metrics go to metrics.json, not into every printed line
     train_result = trainer.train()
     eval_metrics = trainer.evaluate()  # eval_loss includes the router losses; eval_moe/... is the eval pass's balance
 

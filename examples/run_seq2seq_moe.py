@@ -13,8 +13,8 @@ loaded as is), or a new small dense T5 upcycled the same way. Without `--tokeniz
 a byte-level BPE with `<pad>`, `</s>`, `<unk>` and sentinel tokens `<extra_id_N>` is trained on the training text.
 The script saves the model, its tokenizer and `metrics.json` (eval loss, perplexity, generated samples, MoE metrics).
 
-    python examples/run_seq2seq_moe.py --output-dir seq2seq_moe
-    python examples/run_seq2seq_moe.py --pairs-file pairs.jsonl --output-dir seq2seq_pairs
+    python examples/run_seq2seq_moe.py --output-dir outputs/seq2seq_moe
+    python examples/run_seq2seq_moe.py --pairs-file pairs.jsonl --output-dir outputs/seq2seq_pairs
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict, load_dataset
 from moe_example_utils import (
-    default_text_files,
     load_pretrained_tokenizer,
     load_text_datasets,
     log_world,
     moe_metrics,
+    print_short_logs,
     shut_down_distributed,
-    train_bpe_tokenizer,
     write_json,
 )
 from transformers import (
@@ -51,7 +50,7 @@ from transformers import (
 
 from hf_moe import LoadBalanceCallback
 from hf_moe.conversion import moefy
-from hf_moe.training import perplexity
+from hf_moe.training import default_text_files, perplexity, train_bpe_tokenizer
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
@@ -92,7 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max-eval-samples", type=int, default=100, help="evaluate on at most this many examples")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output-dir", type=Path, default=Path("seq2seq_moe"), help="where the model and metrics go")
+    train.add_argument(
+        "--output-dir", type=Path, default=Path("outputs/seq2seq_moe"), help="where the model and metrics go"
+    )
     train.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
     train.add_argument("--batch-size", type=int, default=8, help="examples per device per step")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (linear schedule)")
@@ -383,8 +384,10 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=collator,
-        callbacks=[LoadBalanceCallback()],
     )
+    # first in the callback list, so the reporting integrations (TensorBoard, ...) get its metrics in the same step
+    LoadBalanceCallback().attach_to(trainer)
+    print_short_logs(trainer)  # per-layer, per-expert metrics go to metrics.json, not into every printed line
     train_result = trainer.train()
     eval_metrics = trainer.evaluate()
     # the language model's own perplexity per target token, without the router losses that eval_loss includes

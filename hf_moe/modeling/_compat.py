@@ -27,12 +27,15 @@ __all__ = [
     "KeepsFloat32Buffers",
     "PrivateModelHooks",
     "auto_class_hidden",
+    "DTENSOR_REDISTRIBUTE_LOGGER",
     "decay_parameter_names",
+    "flatten_device_mesh",
     "from_config_without_init",
     "install_output_recorders",
     "local_shard_offset",
     "mesh_data_parallel_group",
     "parent_recorders",
+    "quiet_unmergeable_full_gathers",
     "register_names_for_trainer_and_pipelines",
     "require_private",
     "require_trainer_checkpoint_hooks",
@@ -104,10 +107,55 @@ def local_shard_offset(param, full_shape) -> tuple[tuple[int, ...], tuple[int, .
     return _utils.compute_local_shape_and_global_offset(full_shape, param.device_mesh, param.placements)
 
 
+def flatten_device_mesh(mesh):
+    """The 1D view over all dims of a device mesh (`DeviceMesh._flatten`, cached on the root mesh: a second call for
+    the same dims returns the same mesh). Collective: every rank of the mesh calls it."""
+    require_private(type(mesh), "_flatten")
+    return mesh._flatten()
+
+
 def mesh_data_parallel_group(model):
     """The process group of the ranks that hold distinct batches, from transformers' device mesh of `model`."""
     mesh = model._mesh_manager.get_mesh(("dp_replicate", "fsdp"))
-    return mesh._flatten().get_group() if mesh.ndim > 1 else mesh.get_group()
+    return flatten_device_mesh(mesh).get_group() if mesh.ndim > 1 else mesh.get_group()
+
+
+# the logger of torch's private `torch.distributed.tensor._redistribute`, where DTensor logs its hints
+DTENSOR_REDISTRIBUTE_LOGGER = "torch.distributed.tensor._redistribute"
+
+
+class _UnmergeableFullGatherHint:
+    """Drops DTensor's "cannot merge these all_gathers" hint for gathers to a fully replicated tensor (a save)."""
+
+    def filter(self, record) -> bool:
+        if not str(record.msg).startswith("While redistributing from") or not isinstance(record.args, tuple):
+            return True
+        if len(record.args) != 5:
+            return True
+        _, destination, _, comm_type, reason = record.args
+        replicated = all(type(placement).__name__ == "Replicate" for placement in destination)
+        return not (comm_type == "all_gather" and replicated and "non-ascending" in str(reason))
+
+
+@contextlib.contextmanager
+def quiet_unmergeable_full_gathers():
+    """While open, DTensor's hint that a full gather of an expert weight runs as two all_gathers is not logged.
+
+    A consolidated save gathers each expert weight (placements `(_StridedShard(dim=0), Shard(dim=0))` on the 2D expert
+    mesh) inner dim first, which DTensor cannot merge into one collective even over a flattened mesh, and says so on
+    every rank, for every weight, at every save. It costs one extra gather per expert weight per save; nothing to fix
+    on our side. Every other DTensor message is still logged.
+    """
+    import logging
+
+    require_private(torch.distributed.tensor, "_redistribute")
+    logger = logging.getLogger(DTENSOR_REDISTRIBUTE_LOGGER)
+    hint = _UnmergeableFullGatherHint()
+    logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hint)
 
 
 # ---------------------------------------------------------------------------------------------------- transformers

@@ -15,7 +15,13 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder
 
-from ._compat import PrivateModelHooks, auto_class_hidden, install_output_recorders
+from ._compat import (
+    PrivateModelHooks,
+    auto_class_hidden,
+    flatten_device_mesh,
+    install_output_recorders,
+    quiet_unmergeable_full_gathers,
+)
 from .moe_parts import moe_part_kind, moe_parts
 from .routing import Router, RouterDecision
 from .sparse_moe import RouterLosses, RouterLossValues, require_non_reentrant_checkpointing
@@ -56,6 +62,12 @@ class MoePreTrainedMixin(PrivateModelHooks):
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if not _has_dtensor_parameters(self):
+            return self._save_family(save_directory, *args, **kwargs)
+        with quiet_unmergeable_full_gathers():  # expert parallelism: see the context manager's docstring
+            return self._save_family(save_directory, *args, **kwargs)
+
+    def _save_family(self, save_directory, *args, **kwargs):
         family_class = self._family_class()
         module = family_class.__module__.rsplit(".", 1)[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -87,7 +99,9 @@ class MoePreTrainedMixin(PrivateModelHooks):
         # Tie them first (on the meta device this only sets attributes).
         if mesh_manager is not None:
             model.tie_weights()
-        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+        model = super().maybe_distribute_model(model, distributed_config, mesh_manager)
+        _flatten_parameter_meshes(model)
+        return model
 
     def _init_weights(self, module):
         """The dense parent's init, plus the routers and the counters; each family adds its experts' init."""
@@ -105,6 +119,28 @@ class MoePreTrainedMixin(PrivateModelHooks):
         if enable:
             require_non_reentrant_checkpointing(gradient_checkpointing_func)
         return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+
+
+def _has_dtensor_parameters(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(param, DTensor) for param in model.parameters())
+
+
+def _flatten_parameter_meshes(model) -> None:
+    # transformers puts every expert weight on the 2D expert mesh (efsdp, ep) but registers no flattened view of it.
+    # DTensor then reduces an expert gradient's norm (Trainer's gradient clipping, every step) as two sequential
+    # all_reduces, and warns on every rank. Registering the flattened view makes it one (one latency, one reduction
+    # order on every rank). Collective: maybe_distribute_model runs on every rank, parameters in the same order.
+    from torch.distributed.tensor import DTensor
+
+    meshes = {}
+    for param in model.parameters():
+        mesh = param.device_mesh if isinstance(param, DTensor) else None
+        if mesh is not None and mesh.ndim > 1 and mesh.mesh_dim_names is not None:
+            meshes.setdefault(tuple(mesh.mesh_dim_names), mesh)
+    for mesh in meshes.values():
+        flatten_device_mesh(mesh)
 
 
 # the CPU allocator's alignment; freshly built models' weights have it

@@ -20,10 +20,18 @@ from .optimizers import (
     create_moe_optimizer,
     moe_param_groups,
 )
-from .perplexity import perplexity
+from .perplexity import language_model_loss, perplexity
 from .plots import history_from_log_history, save_load_balance_plots
 from .schedules import DenseToSparseCallback, anneal
 from .sharded_checkpoint import ShardedCheckpointMixin
+from .text_data import (
+    default_text_files,
+    read_corpus,
+    read_texts,
+    split_documents,
+    stdlib_source_files,
+    train_bpe_tokenizer,
+)
 from .trainer import MoeTrainer
 
 
@@ -51,11 +59,18 @@ __all__ = [
     "collect_moe_metrics",
     "counter_reduce_group",
     "create_moe_optimizer",
+    "default_text_files",
     "history_from_log_history",
+    "language_model_loss",
     "layer_metrics",
     "metrics_from_counts",
     "moe_blocks",
     "moe_param_groups",
     "perplexity",
+    "read_corpus",
+    "read_texts",
     "save_load_balance_plots",
+    "split_documents",
+    "stdlib_source_files",
+    "train_bpe_tokenizer",
 ]

@@ -20,9 +20,12 @@ from pathlib import Path
 __all__ = [
     "HEATMAP_FILENAME",
     "IMBALANCE_FILENAME",
+    "agg_figure",
+    "draw_token_fraction_heatmap",
     "history_from_log_history",
     "plot_load_imbalance",
     "plot_token_fraction_heatmap",
+    "save_figure",
     "save_load_balance_plots",
 ]
 
@@ -30,7 +33,8 @@ HEATMAP_FILENAME = "moe_token_fraction_heatmap.png"
 IMBALANCE_FILENAME = "moe_load_imbalance.png"
 
 
-def _figure_api():
+def agg_figure(figsize: tuple[float, float]):
+    """A `matplotlib.figure.Figure` on the Agg canvas (no pyplot, no GUI); ImportError with an install hint."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -39,35 +43,52 @@ def _figure_api():
             "hf_moe's load-balance plots need matplotlib; install it with `pip install hf-moe[plot]` "
             "(or `pip install matplotlib`)."
         ) from error
-    return Figure, FigureCanvasAgg
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure
 
 
-def plot_token_fraction_heatmap(token_fraction: list[list[float]], title: str = "Token fraction per expert"):
-    """A matplotlib Figure: rows are MoE layers, columns experts, colour the fraction of tokens (NaN: no data)."""
-    Figure, FigureCanvasAgg = _figure_api()
+def draw_token_fraction_heatmap(figure, axes, token_fraction: list[list[float]], layer_names: list[str] | None = None):
+    """Draw the layer x expert heatmap of token fractions on `axes`, with its colorbar; return the colorbar.
+
+    The colorbar is labelled "fraction of routed tokens" and carries a line at 1/E, the fraction every expert gets
+    under perfect balance (one line per distinct expert count, should layers differ), so a glance tells how far
+    each cell is from balance. NaN cells (no data, or a layer with fewer experts) are drawn blank.
+    """
     num_layers = len(token_fraction)
     num_experts = max((len(row) for row in token_fraction), default=0)
     # layers may have different expert counts: pad the short rows with NaN (drawn blank)
     grid = [list(row) + [math.nan] * (num_experts - len(row)) for row in token_fraction]
-    figure = Figure(figsize=(max(5.5, 0.5 * num_experts + 2.5), max(3.0, 0.4 * num_layers + 1.5)))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     image = axes.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
     axes.set_xlabel("expert")
     axes.set_ylabel("MoE layer")
     axes.set_xticks(range(num_experts))
-    axes.set_yticks(range(num_layers))
+    axes.set_yticks(range(num_layers), layer_names if layer_names is not None else list(range(num_layers)))
+    expert_counts = sorted({len(row) for row in token_fraction if row})
+    balanced = ", ".join(f"1/{count}" for count in expert_counts) or "1/E"
+    colorbar = figure.colorbar(
+        image, ax=axes, label=f"fraction of routed tokens\n(red line: {balanced}, perfect balance)"
+    )
+    for count in expert_counts:
+        colorbar.ax.axhline(1.0 / count, color="red", linewidth=3.0)
+    return colorbar
+
+
+def plot_token_fraction_heatmap(token_fraction: list[list[float]], title: str = "Token fraction per expert"):
+    """A matplotlib Figure: rows are MoE layers, columns experts, colour the fraction of tokens (NaN: no data)."""
+    num_layers = len(token_fraction)
+    num_experts = max((len(row) for row in token_fraction), default=0)
+    figure = agg_figure((max(5.5, 0.5 * num_experts + 2.5), max(3.0, 0.4 * num_layers + 1.5)))
+    axes = figure.add_subplot()
+    draw_token_fraction_heatmap(figure, axes, token_fraction)
     axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="fraction of routed tokens")
     figure.tight_layout()
     return figure
 
 
 def plot_load_imbalance(steps: list[int], load_imbalance: list[list[float]], title: str = "Load imbalance"):
     """A matplotlib Figure: max/mean expert load per layer over steps (`load_imbalance[t][layer]`), and their mean."""
-    Figure, FigureCanvasAgg = _figure_api()
-    figure = Figure(figsize=(7.0, 4.0))
-    FigureCanvasAgg(figure)
+    figure = agg_figure((7.0, 4.0))
     axes = figure.add_subplot()
     num_layers = max((len(row) for row in load_imbalance), default=0)
     for layer in range(num_layers):
@@ -88,8 +109,9 @@ def plot_load_imbalance(steps: list[int], load_imbalance: list[list[float]], tit
     return figure
 
 
-def _save_png(figure, path: Path) -> Path:
-    # written to a temp file and renamed: an interrupted run never leaves a truncated PNG behind
+def save_figure(figure, path: str | Path) -> Path:
+    """Save `figure` as a PNG at `path`, atomically: an interrupted run never leaves a truncated file behind."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
     try:
@@ -129,7 +151,10 @@ def save_load_balance_plots(
         last["token_fraction"], title=f"Token fraction per expert, step {last['step']}"
     )
     imbalance = plot_load_imbalance([h["step"] for h in history], [h["load_imbalance"] for h in history])
-    paths = [_save_png(heatmap, output_dir / HEATMAP_FILENAME), _save_png(imbalance, output_dir / IMBALANCE_FILENAME)]
+    paths = [
+        save_figure(heatmap, output_dir / HEATMAP_FILENAME),
+        save_figure(imbalance, output_dir / IMBALANCE_FILENAME),
+    ]
     if tb_writer is not None:
         _to_tensorboard(tb_writer, "moe/token_fraction", heatmap, step)
         _to_tensorboard(tb_writer, "moe/load_imbalance", imbalance, step)

@@ -35,7 +35,7 @@ def dense_gpt2_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_clm_moe_upcycles_trains_and_evaluates(example, tmp_path, dense_gpt2_folder):
+def test_run_clm_moe_upcycles_trains_and_evaluates(example, tmp_path, dense_gpt2_folder, capsys, emitted):
     write_word_text(tmp_path / "train.txt", 300, seed=0)
     write_word_text(tmp_path / "validation.txt", 40, seed=1)
     out = tmp_path / "out"
@@ -47,6 +47,10 @@ def test_run_clm_moe_upcycles_trains_and_evaluates(example, tmp_path, dense_gpt2
             "--max-eval-samples", "8", "--output-dir", str(out),
         ]
     )  # fmt: skip
+    assert not emitted.spurious()
+    printed = capsys.readouterr().out.splitlines()
+    # one short line per log: the per-layer, per-expert metrics are in metrics.json, not in every printed line
+    assert max(map(len, printed)) <= 300 and any(" | moe: imbalance " in line for line in printed)
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["world_size"] == 1

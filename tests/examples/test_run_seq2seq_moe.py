@@ -66,11 +66,14 @@ TINY = ["--num-layers", "1", "--d-model", "32", "--d-ff", "64", "--num-heads", "
 
 
 @pytest.mark.slow
-def test_run_seq2seq_moe_span_corruption(example, tmp_path):
+def test_run_seq2seq_moe_span_corruption(example, tmp_path, capsys, emitted):
     out = tmp_path / "out"
     example("run_seq2seq_moe").main(
         [*TINY, "--corpus-bytes", "60000", "--input-length", "32", "--num-sentinels", "8", "--output-dir", str(out)]
     )
+    assert not emitted.spurious()
+    printed = capsys.readouterr().out.splitlines()
+    assert max(map(len, printed)) <= 300 and any(" | eval_moe: imbalance " in line for line in printed)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["task"] == "span_corruption"
     assert math.isfinite(saved["perplexity"]) and saved["perplexity"] > 1

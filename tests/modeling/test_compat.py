@@ -122,3 +122,12 @@ def test_local_shard_offset_and_mesh_helpers_exist():
 
     assert callable(_utils.compute_local_shape_and_global_offset)
     assert callable(_compat.mesh_data_parallel_group)
+
+
+def test_flatten_device_mesh_and_the_dtensor_logger_exist():
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import _redistribute
+
+    assert callable(DeviceMesh._flatten)
+    assert _redistribute.logger.name == _compat.DTENSOR_REDISTRIBUTE_LOGGER
+    # what the filter does is tested with DTensor's own message template in tests/examples/test_expert_parallel.py

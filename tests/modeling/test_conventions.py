@@ -67,7 +67,11 @@ def test_a_cast_model_runs_forward_and_generate_and_keeps_float32_counters(famil
 
 # --- torch.compile ----------------------------------------------------------------------------------------------
 
+# torch's own compile stack imports its deprecated torch.jit.script_method helpers; nothing of ours
+_TORCH_JIT_DEPRECATION = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
 
+
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
 def test_fullgraph_compiled_forward_matches_eager_with_inductor():
     model = tiny("gpt2")
     batch = inputs_for(model)
@@ -76,6 +80,7 @@ def test_fullgraph_compiled_forward_matches_eager_with_inductor():
         torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fullgraph_compiled_training_step_and_generation(family):
     # the "eager" backend: dynamo traces the whole graph (fullgraph fails on any graph break), no codegen time

@@ -58,3 +58,23 @@ def test_ragged_layers_are_padded(tmp_path):
     ]
     for path in save_load_balance_plots(history, tmp_path):
         assert path.read_bytes()[:8] == PNG
+
+
+def colorbar_axes(figure):
+    return [axes for axes in figure.axes if "fraction of routed tokens" in axes.get_ylabel()]
+
+
+def test_heatmap_colorbar_is_labelled_and_marks_perfect_balance():
+    from hf_moe.training.plots import plot_token_fraction_heatmap
+
+    (colorbar,) = colorbar_axes(plot_token_fraction_heatmap(HISTORY[0]["token_fraction"]))
+    assert "1/4" in colorbar.get_ylabel() and "perfect balance" in colorbar.get_ylabel()
+    assert [set(line.get_ydata()) for line in colorbar.lines] == [{0.25}]
+
+
+def test_heatmap_of_layers_with_different_expert_counts_marks_each_balance():
+    from hf_moe.training.plots import plot_token_fraction_heatmap
+
+    (colorbar,) = colorbar_axes(plot_token_fraction_heatmap([[0.5, 0.5], [0.25, 0.25, 0.25, 0.25]]))
+    assert "1/2, 1/4" in colorbar.get_ylabel()
+    assert sorted(line.get_ydata()[0] for line in colorbar.lines) == [0.25, 0.5]
