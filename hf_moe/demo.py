@@ -234,7 +234,9 @@ def _blocks(tokenizer, texts: list[str], block_size: int) -> tuple[torch.Tensor,
 def _use_causal_lm_loss(model: GPT2LMHeadModel) -> None:
     # transformers picks a model's loss by its class name; "GPT2LMHeadModel" contains no "ForCausalLM", so every
     # loss computation would log "`loss_type=None` was set in the config but it is unrecognized" before falling back
-    # to that very loss. Naming it keeps the numbers and drops the warning.
+    # to that very loss, and Trainer, which asks the same question, would count all labels of a row for
+    # `num_items_in_batch` instead of the shifted ones (all but the first), scaling the dense loss by (S-1)/S while
+    # the MoE's is not. Naming it drops the warning and normalizes both models' losses alike.
     model.loss_type = "ForCausalLM"
 
 
