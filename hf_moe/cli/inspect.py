@@ -77,7 +77,7 @@ def describe(path: str) -> dict:
         "aux_loss": {
             "type": config.aux_loss_type,
             "label": _label(BALANCE_LOSSES, config.aux_loss_type),
-            "coef": config.router_aux_loss_coef,
+            "coef": config.aux_loss_coef if config.router_type in ROUTERS else config.router_aux_loss_coef,
         },
         "z_loss_coef": config.router_z_loss_coef,
         "expert_dropout": config.expert_dropout,

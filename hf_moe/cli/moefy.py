@@ -122,7 +122,7 @@ def add_parser(subparsers, name: str) -> None:
         metavar="X",
         type=non_negative_float,
         default=None,
-        help="router_aux_loss_coef (default: 0.01)",
+        help="router_aux_loss_coef (default: the router's: 0.01 for topk and noisy_topk, 0 for the others)",
     )
     parser.add_argument(
         "--z-loss-coef", metavar="X", type=non_negative_float, default=None, help="router_z_loss_coef (default: 0.001)"

@@ -200,11 +200,18 @@ def _routing_rows(config) -> list[tuple[str, str]]:
         (
             "Load-balancing loss",
             f"`{config.aux_loss_type}`: {_registry_label(BALANCE_LOSSES, config.aux_loss_type)}, "
-            f"coefficient {config.router_aux_loss_coef}",
+            f"coefficient {_aux_loss_coef(config)}",
         ),
         ("Router z-loss coefficient", str(config.router_z_loss_coef)),
         ("Expert dropout", str(config.expert_dropout)),
     ]
+
+
+def _aux_loss_coef(config) -> str:
+    # the effective coefficient needs the router's registry entry when the field is None (the router's default)
+    if config.router_aux_loss_coef is None and config.router_type not in ROUTERS:
+        return f"the default of router `{config.router_type}`"
+    return str(config.aux_loss_coef)
 
 
 def _registry_label(registry, name: str) -> str:

@@ -58,6 +58,11 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
         return sorted(self.moe_layers) if self.moe_layers is not None else list(range(self.n_layer))
 
     @property
+    def has_causal_moe_layers(self) -> bool:
+        """Whether some MoE layer sits in a causal stack (every GPT-2 block is causal)."""
+        return bool(self.moe_layer_indices)
+
+    @property
     def dense_intermediate_size(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
@@ -86,5 +91,5 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
         if not self.tie_word_embeddings:
             shared += self.vocab_size * hidden
         experts = num_moe * self.num_local_experts * one_expert
-        active_experts = num_moe * self.num_experts_per_tok * one_expert
+        active_experts = round(num_moe * self.experts_per_token * one_expert)
         return {"total": shared + experts, "active": shared + active_experts, "experts": experts}

@@ -19,7 +19,9 @@ from dataclasses import dataclass, fields
 from .dispatch import CAPACITY_SCOPES, DROP_POLICIES
 from .registry import BALANCE_LOSSES, ROUTERS
 
-__all__ = ["MoeConfigFields", "moe_field_names", "validate_layer_list"]
+__all__ = ["HASH_KINDS", "MoeConfigFields", "moe_field_names", "validate_layer_list"]
+
+HASH_KINDS = ("random", "balanced", "clustered")
 
 # words that make an unknown config key look like a misspelt or unsupported MoE setting (see `__post_init__`)
 _MOE_LOOKING = re.compile(r"moe|expert|router|routing|capacity|aux_loss|z_loss|balanc|drop_polic|jitter")
@@ -62,8 +64,9 @@ class MoeConfigFields:
     drop_policy: str = "position"
     # load-balancing loss by registry name (`registry.BALANCE_LOSSES`): "switch" (Fedus et al.), "cv_squared" (Shazeer)
     aux_loss_type: str = "switch"
-    # coefficient of the load-balancing loss added to `loss` whenever labels are given
-    router_aux_loss_coef: float = 0.01
+    # coefficient of the load-balancing loss added to `loss` whenever labels are given; None: the router's default
+    # (0.01; 0 for the hash, BASE, expert-choice and dense-to-sparse routers, balanced by construction or by design)
+    router_aux_loss_coef: float | None = None
     # coefficient of the router z-loss (ST-MoE) added to `loss` whenever labels are given
     router_z_loss_coef: float = 0.001
     # dropout on the experts' hidden activation only, active in training (separate from the model's dropout)
@@ -72,6 +75,20 @@ class MoeConfigFields:
     moe_intermediate_size: int | None = None
     # return the router logits of every MoE layer in the outputs
     output_router_logits: bool = False
+    # hash router: independent hashes per token (MultiHash, Roller et al. 2021); each picks the expert of one of
+    # `num_hash_heads` segments of the expert FFN, so a token's FLOPs stay those of one expert
+    num_hash_heads: int = 1
+    # hash router: how its token -> expert table was built ("random": seeded; "balanced": corpus token frequencies;
+    # "clustered": k-means of the token embeddings); set by the table builders, shown in the model card
+    hash_kind: str = "random"
+    # hash router: seed of the random table (the same seed gives the same table on every rank and every reload)
+    hash_seed: int = 0
+    # dense-to-sparse gate: experts whose gate weight exceeds this are active for a token (at most
+    # num_experts_per_tok, at least its best expert)
+    gate_threshold: float = 0.001
+    # expert choice in a causal decoder: each expert picks its tokens among the whole batch, so a token's output then
+    # depends on later tokens (a leak of the future); True accepts that
+    allow_noncausal_routing: bool = False
 
     def validate_moe_experts(self):
         _require_numbers(self, "num_local_experts", "num_experts_per_tok", integer=True)
@@ -86,12 +103,20 @@ class MoeConfigFields:
             raise ValueError(f"moe_intermediate_size must be >= 1 or None, got {self.moe_intermediate_size}")
 
     def validate_moe_routing(self):
-        _require_numbers(
-            self, "router_jitter_noise", "router_logit_noise_std", "router_aux_loss_coef", "router_z_loss_coef"
-        )
+        _require_numbers(self, "router_jitter_noise", "router_logit_noise_std", "router_z_loss_coef")
         _require_numbers(self, "router_init_std", "expert_dropout", "router_temperature")
-        ROUTERS.entry(self.router_type)
         BALANCE_LOSSES.entry(self.aux_loss_type)
+        if self.router_aux_loss_coef is not None:
+            _require_numbers(self, "router_aux_loss_coef")
+        _require_numbers(self, "num_hash_heads", "hash_seed", integer=True)
+        _require_numbers(self, "gate_threshold")
+        if self.num_hash_heads < 1:
+            raise ValueError(f"num_hash_heads must be >= 1, got {self.num_hash_heads}")
+        if self.hash_kind not in HASH_KINDS:
+            raise ValueError(f"hash_kind must be one of {HASH_KINDS}, got {self.hash_kind!r}")
+        if not 0.0 <= self.gate_threshold < 1.0:
+            raise ValueError(f"gate_threshold must be in [0, 1), got {self.gate_threshold}")
+        ROUTERS.entry(self.router_type)
         if self.unit_combine_weights and self.normalize_top_k_weights:
             raise ValueError(
                 "unit_combine_weights=True combines experts with weight 1; it cannot be combined with "
@@ -100,7 +125,7 @@ class MoeConfigFields:
         if not 0.0 <= self.router_jitter_noise < 1.0:
             raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise}")
         for name in ("router_logit_noise_std", "router_aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.router_temperature > 0 and math.isfinite(self.router_temperature)):
             raise ValueError(f"router_temperature must be a finite number > 0, got {self.router_temperature}")
@@ -132,6 +157,11 @@ class MoeConfigFields:
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
 
+    def validate_moe_with_router(self):
+        # strict runs validators in name order, so this one comes after every other `validate_moe_*` (the family's
+        # layer lists included): a router's own checks (`Router.validate_config`) may rely on every field being sane
+        ROUTERS.entry(self.router_type).router_class.validate_config(self)
+
     def __post_init__(self, **kwargs):
         # transformers configs accept any keyword and keep it as an attribute, so a misspelt MoE field would be stored
         # and do nothing; warn on unknown keys that look like MoE settings
@@ -149,6 +179,18 @@ class MoeConfigFields:
                 stacklevel=3,
             )
         super().__post_init__(**kwargs)
+
+    @property
+    def aux_loss_coef(self) -> float:
+        """The effective `router_aux_loss_coef`: the field, or the router's default when it is None."""
+        if self.router_aux_loss_coef is not None:
+            return self.router_aux_loss_coef
+        return ROUTERS.entry(self.router_type).router_class.default_aux_loss_coef
+
+    @property
+    def experts_per_token(self) -> float:
+        """Experts a token uses (at most; on average for expert choice), as the router declares it."""
+        return ROUTERS.entry(self.router_type).router_class.experts_per_token(self)
 
     def router_parameters(self, hidden_size: int) -> int:
         """Parameters one MoE layer's router holds (declared by its registry entry)."""

@@ -73,6 +73,11 @@ class T5MoeConfig(MoeConfigFields, T5Config):
         return sorted(self.decoder_moe_layers)
 
     @property
+    def has_causal_moe_layers(self) -> bool:
+        """Whether some MoE layer sits in a causal stack (the decoder's; the encoder sees its whole input)."""
+        return bool(self.decoder_moe_layer_indices)
+
+    @property
     def expert_intermediate_size(self) -> int:
         return self.moe_intermediate_size if self.moe_intermediate_size is not None else self.d_ff
 
@@ -100,5 +105,5 @@ class T5MoeConfig(MoeConfigFields, T5Config):
             + num_moe * router
         )
         experts = num_moe * self.num_local_experts * one_expert
-        active_experts = num_moe * self.num_experts_per_tok * one_expert
+        active_experts = round(num_moe * self.experts_per_token * one_expert)
         return {"total": shared + experts, "active": shared + active_experts, "experts": experts}

@@ -95,11 +95,12 @@ def capacity_keep_mask(
 class Capacity:
     """The capacity settings of one MoE layer (read from the config once) and the keep mask of each forward."""
 
-    def __init__(self, config):
+    def __init__(self, config, dropless: bool = False):
+        """`dropless=True` ignores the config's capacity fields (a router that bounds expert loads itself reads them)."""
         self.num_experts = config.num_local_experts
-        self.train_factor = config.capacity_factor
-        self.eval_factor = config.eval_capacity_factor
-        self.fixed = config.expert_capacity
+        self.train_factor = None if dropless else config.capacity_factor
+        self.eval_factor = None if dropless else config.eval_capacity_factor
+        self.fixed = None if dropless else config.expert_capacity
         self.min_capacity = config.min_capacity
         self.drop_policy = config.drop_policy
         self.scope = config.capacity_scope

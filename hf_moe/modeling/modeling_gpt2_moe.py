@@ -252,7 +252,7 @@ def _router_losses(outputs: GPT2MoeModelOutput) -> tuple[torch.Tensor | None, to
 def _with_router_losses(loss, aux_loss, z_loss, config: GPT2MoeConfig, share) -> torch.Tensor:
     """`loss` + the configured coefficients x router losses (always: a configured coefficient is never ignored)."""
     if aux_loss is not None:
-        loss = loss + config.router_aux_loss_coef * share * aux_loss.to(loss.device)
+        loss = loss + config.aux_loss_coef * share * aux_loss.to(loss.device)
     if z_loss is not None:
         loss = loss + config.router_z_loss_coef * share * z_loss.to(loss.device)
     return loss

@@ -588,7 +588,7 @@ class T5MoeForConditionalGeneration(T5MoePreTrainedModel, T5ForConditionalGenera
             share = accumulation_share(labels.ne(-100).sum(), num_items_in_batch)
             aux_loss, z_loss = router_losses["aux_loss"], router_losses["z_loss"]
             if aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * share * aux_loss.to(loss.device)
+                loss = loss + self.config.aux_loss_coef * share * aux_loss.to(loss.device)
             if z_loss is not None:
                 loss = loss + self.config.router_z_loss_coef * share * z_loss.to(loss.device)
 

@@ -175,12 +175,12 @@ def warn_if_router_losses_unused(model) -> None:
     config = model.config
     if not (model.training and torch.is_grad_enabled()) or getattr(model, "_warned_router_losses_unused", False):
         return
-    if config.router_aux_loss_coef == 0 and config.router_z_loss_coef == 0:
+    if config.aux_loss_coef == 0 and config.router_z_loss_coef == 0:
         return
     model._warned_router_losses_unused = True
     logger.warning(
         f"{type(model).__name__} is training without labels and without output_router_logits, so its router losses "
-        f"(router_aux_loss_coef={config.router_aux_loss_coef}, router_z_loss_coef={config.router_z_loss_coef}) are in "
+        f"(router_aux_loss_coef={config.aux_loss_coef}, router_z_loss_coef={config.router_z_loss_coef}) are in "
         "no loss. With Trainer(label_smoothing_factor>0) or your own loss, use hf_moe.MoeTrainer, or "
         "compute_loss_func=hf_moe.MoeLoss(model, ...), which add them."
     )

@@ -93,6 +93,13 @@ class Router(nn.Module):
     moe_part: ClassVar[str] = "router"
     # True for routers whose decisions may hold unused slots (sentinel id E, weight 0): the block drops them
     leaves_slots_unused: ClassVar[bool] = False
+    # True for routers that bound every expert's load themselves (expert choice): the block adds no capacity on top
+    owns_capacity: ClassVar[bool] = False
+    # False for routers with nothing to learn (hash): the block then computes no router losses (they would only add
+    # a constant to the model's loss)
+    learned: ClassVar[bool] = True
+    # `router_aux_loss_coef` when the config leaves it None; 0 for routers balanced by construction or by design
+    default_aux_loss_coef: ClassVar[float] = 0.01
 
     def __init__(self, config, hidden_size: int):
         super().__init__()
@@ -102,6 +109,16 @@ class Router(nn.Module):
 
     def forward(self, inputs: RoutingInputs) -> RouterDecision:
         raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs) -> RouterDecision")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Raise `ValueError` (naming the field and what is allowed) for config values this router cannot use; the
+        config's validation calls it, so a bad combination fails when the config is built, before any weights."""
+
+    @classmethod
+    def experts_per_token(cls, config) -> float:
+        """Experts one token uses (at most, or on average for expert choice): `parameter_counts()["active"]`."""
+        return config.num_experts_per_tok
 
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         """`weight` ~ N(0, std^2), small so routing starts near uniform; every other parameter 0 (e.g. a learned noise

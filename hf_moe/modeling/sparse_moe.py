@@ -57,13 +57,18 @@ class RouterLosses(nn.Module):
     (registry) and the ST-MoE z-loss, padding excluded. A module of its own so that transformers' output recorders
     can collect every layer's losses for the model's loss; it holds no parameters."""
 
-    def __init__(self, config):
+    def __init__(self, config, learned: bool = True):
         super().__init__()
         self.balance_loss = BALANCE_LOSSES.entry(config.aux_loss_type).loss
+        # a router with nothing to learn (hash) gets zeros: its losses would only add a constant to the model's loss
+        self.learned = learned
 
     def forward(
         self, decision: RouterDecision, combine_weights_TK: torch.Tensor, token_mask_T: torch.Tensor | None
     ) -> RouterLossValues:
+        if not self.learned:
+            zero = decision.logits_TE.new_zeros((), dtype=torch.float32)
+            return RouterLossValues(zero, zero)
         # float32 whatever the autocast dtype, like the routing itself
         with torch.autocast(device_type=decision.logits_TE.device.type, enabled=False):
             return RouterLossValues(
@@ -91,6 +96,9 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         "dropped_tokens_per_expert",  # (E,) of those, slots dropped by capacity
         "router_entropy_sum",  # () sum over tokens of the entropy of the routing distribution
         "num_tokens",  # () tokens routed (padding excluded)
+        "kept_slots_sum",  # () (token, expert) slots the experts processed: experts per token = this / num_tokens
+        "tokens_without_expert",  # () tokens no expert processed (all slots dropped or unused): the residual only
+        "balanced_forwards",  # () forwards whose per-expert kept loads differ by at most 1 (BASE: every one)
         "balance_loss_sum",  # () sum over forwards of this layer's load-balancing loss
         "z_loss_sum",  # () sum over forwards of this layer's z-loss
         "num_forwards",  # () forwards counted
@@ -102,8 +110,9 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         self.num_experts = config.num_local_experts
         self.router = build_router(config, experts.hidden_dim)
         self.experts = experts
-        self.capacity = Capacity(config)
-        self.losses = RouterLosses(config)
+        # a router that bounds the expert loads itself (expert choice) gets no capacity on top
+        self.capacity = Capacity(config, dropless=self.router.owns_capacity)
+        self.losses = RouterLosses(config, learned=self.router.learned)
         # False while activation checkpointing recomputes this layer's forward (see `_compat._PauseCounting`)
         self.counting = True
         for name in self.COUNTERS:
@@ -162,9 +171,14 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         slot_weights_N = token_weights_T.repeat_interleave(top_k) * (expert_N < self.num_experts)
         expert_N = expert_N.clamp(max=self.num_experts - 1)
         self.routed_tokens_per_expert.scatter_add_(0, expert_N, slot_weights_N)
+        kept_weights_N = slot_weights_N if kept_TK is None else slot_weights_N * kept_TK.reshape(-1)
         if kept_TK is not None:
-            dropped_N = (~kept_TK.reshape(-1)).float() * slot_weights_N
-            self.dropped_tokens_per_expert.scatter_add_(0, expert_N, dropped_N)
+            self.dropped_tokens_per_expert.scatter_add_(0, expert_N, slot_weights_N - kept_weights_N)
+        kept_per_token_T = kept_weights_N.view(num_tokens, top_k).sum(dim=-1)
+        self.kept_slots_sum += kept_per_token_T.sum()
+        self.tokens_without_expert += ((kept_per_token_T == 0).float() * token_weights_T).sum()
+        kept_load_E = torch.zeros_like(self.routed_tokens_per_expert).scatter_add_(0, expert_N, kept_weights_N)
+        self.balanced_forwards += (kept_load_E.max() - kept_load_E.min() <= 1).float()
         log_probs_TE = torch.log_softmax(decision.logits_TE, dim=-1)
         entropy_T = -(log_probs_TE.exp() * log_probs_TE).sum(dim=-1)
         self.router_entropy_sum += (entropy_T * token_weights_T).sum()

@@ -122,6 +122,11 @@ def layer_metrics(counts: dict[str, torch.Tensor], per_expert: bool = True) -> d
     - dead_experts: experts that received no assignment in the window
     - aux_loss, z_loss: this layer's load-balancing and z-loss, averaged over the window's forwards
     - tokens: tokens routed in the window (padding excluded; summed over ranks)
+    - experts_per_token: mean experts that processed a token (K for top-k without drops; the dense-to-sparse gate's
+      active experts; capacity_factor on average for expert choice)
+    - unrouted_fraction: share of tokens no expert processed (expert choice; capacity drops of every slot)
+    - balanced_forward_fraction: share of forwards whose per-expert loads differ by at most 1 token (BASE layers
+      in training: 1.0; per rank under data parallelism)
     """
     routed_E = counts["routed_tokens_per_expert"].double()
     total = routed_E.sum().item()
@@ -142,6 +147,10 @@ def layer_metrics(counts: dict[str, torch.Tensor], per_expert: bool = True) -> d
     metrics["aux_loss"] = counts["balance_loss_sum"].item() / num_forwards
     metrics["z_loss"] = counts["z_loss_sum"].item() / num_forwards
     metrics["tokens"] = counts["num_tokens"].item()
+    if "kept_slots_sum" in counts and num_tokens:  # absent from blocks saved by hf_moe 0.1 (remote code)
+        metrics["experts_per_token"] = counts["kept_slots_sum"].item() / num_tokens
+        metrics["unrouted_fraction"] = counts["tokens_without_expert"].item() / num_tokens
+        metrics["balanced_forward_fraction"] = counts["balanced_forwards"].item() / num_forwards
     return metrics
 
 
@@ -157,8 +166,8 @@ def model_summary(
     if not active:
         return {}
     summary = {}
-    for name in ("load_imbalance", "cv", "router_entropy", "aux_loss", "z_loss"):
-        values = [m[name] for m, _ in active if not math.isnan(m[name])]
+    for name in ("load_imbalance", "cv", "router_entropy", "aux_loss", "z_loss", "experts_per_token"):
+        values = [m[name] for m, _ in active if name in m and not math.isnan(m[name])]
         if values:
             summary[name] = sum(values) / len(values)
     summary["load_imbalance_max"] = max(m["load_imbalance"] for m, _ in active)

@@ -43,7 +43,7 @@ class MoeLoss:
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if not hasattr(config, name):
                 raise TypeError(f"MoeLoss needs an hf_moe model (its config has {name}); got {type(model).__name__}")
-        self.aux_coef = config.router_aux_loss_coef
+        self.aux_coef = config.aux_loss_coef
         self.z_coef = config.router_z_loss_coef
         # shifted like the model's own loss: a causal LM predicts the next token (T5 and classifiers: not shifted)
         self.shift_labels = getattr(model, "loss_type", None) == "ForCausalLM" and not config.is_encoder_decoder
