@@ -69,6 +69,9 @@ class Case:
     skew: float = 0.0  # 0: balanced router; see DEFAULT_SKEW
     capacity_factor: float | None = None  # None: dropless
     experts_implementations: tuple[str, ...] = ("grouped_mm", "eager")
+    # registry name; for routers other than top-k, `top_k` is the experts a token uses (expert choice: its
+    # capacity factor), which sets the dense comparator's width k*F
+    router_type: str = "topk"
 
 
 def _large(name: str, **fields) -> Case:
@@ -89,6 +92,18 @@ def quick_cases() -> list[Case]:
         _small("small E32 k2", num_experts=32, top_k=2),
         _small("small E8 k2 skewed", num_experts=8, top_k=2, skew=DEFAULT_SKEW),
         _small("small E8 k2 cap1.25", num_experts=8, top_k=2, capacity_factor=1.25),
+        *router_cases(_small, "small E8"),
+    ]
+
+
+def router_cases(make: Callable[..., Case], prefix: str) -> list[Case]:
+    """One row per router from the literature, at E=8 (grouped_mm only; the router is what differs)."""
+    fields = dict(num_experts=8, experts_implementations=("grouped_mm",))
+    return [
+        make(f"{prefix} hash", top_k=1, router_type="hash", **fields),
+        make(f"{prefix} BASE", top_k=1, router_type="base", **fields),
+        make(f"{prefix} dense-to-sparse k2", top_k=2, router_type="dense_to_sparse", **fields),
+        make(f"{prefix} expert choice c2", top_k=2, router_type="expert_choice", capacity_factor=2.0, **fields),
     ]
 
 
@@ -114,6 +129,7 @@ def default_cases() -> list[Case]:
             capacity_factor=1.25,
             experts_implementations=("grouped_mm",),
         ),
+        *router_cases(_large, "E8"),
     ]
 
 
@@ -132,8 +148,15 @@ class Timing:
 # ---------------------------------------------------------------------------------------------- building the layers
 
 
+VOCAB_SIZE = 50257  # GPT-2's: the hash router's table has one row per token id
+
+
 def _gpt2_moe_config(case: Case) -> GPT2MoeConfig:
     return GPT2MoeConfig(
+        vocab_size=VOCAB_SIZE,
+        router_type=case.router_type,
+        # expert choice picks tokens across the batch; the layer benchmark has no causality to protect
+        allow_noncausal_routing=case.router_type == "expert_choice",
         n_embd=case.d_model,
         n_head=max(1, case.d_model // 64),
         n_inner=case.d_ff,
@@ -160,8 +183,9 @@ def build_ours(case: Case, hot_direction_D: torch.Tensor) -> SparseMoeBlock:
     experts.down_proj.normal_(0.0, INIT_STD)
     experts.up_proj_bias.zero_()
     experts.down_proj_bias.zero_()
-    block.router.weight.normal_(0.0, INIT_STD)
-    block.router.weight[0] += case.skew * hot_direction_D
+    if hasattr(block.router, "weight"):  # the hash router has no parameters
+        block.router.weight.normal_(0.0, INIT_STD)
+        block.router.weight[0] += case.skew * hot_direction_D
     return block.train()
 
 
@@ -206,8 +230,8 @@ def build_switch(case: Case, ours: SparseMoeBlock, seq_len: int) -> SwitchTransf
     return switch.train()
 
 
-def make_inputs(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded input (B, S, D), output gradient (B, S, D) and the unit direction the skew uses."""
+def make_inputs(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded input (B, S, D), output gradient (B, S, D), the unit direction the skew uses, token ids (B, S)."""
     torch.manual_seed(seed)
     seq_len = min(case.tokens, MAX_SEQ_LEN)
     if case.tokens % seq_len:
@@ -217,7 +241,8 @@ def make_inputs(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor, torc
     hot_direction_D /= hot_direction_D.norm()
     x_BSD = torch.randn(shape) + case.skew * hot_direction_D
     grad_BSD = torch.randn(shape)
-    return x_BSD.requires_grad_(), grad_BSD, hot_direction_D
+    input_ids_BS = torch.randint(0, VOCAB_SIZE, shape[:2])
+    return x_BSD.requires_grad_(), grad_BSD, hot_direction_D, input_ids_BS
 
 
 # ----------------------------------------------------------------------------------------------------------- timing
@@ -234,7 +259,9 @@ class Variant:
             self.module.experts.config._experts_implementation = self.experts_implementation
 
 
-def make_step(module: nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.Tensor) -> Callable[[], torch.Tensor]:
+def make_step(
+    module: nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.Tensor, **forward_kwargs
+) -> Callable[[], torch.Tensor]:
     """One training step of the layer alone: fresh gradients (set to None, as `zero_grad` does), forward, backward."""
     params = list(module.parameters())
 
@@ -242,7 +269,7 @@ def make_step(module: nn.Module, x_BSD: torch.Tensor, grad_BSD: torch.Tensor) ->
         for param in params:
             param.grad = None
         x_BSD.grad = None
-        out_BSD = module(x_BSD)
+        out_BSD = module(x_BSD, **forward_kwargs)
         out_BSD.backward(grad_BSD)
         return out_BSD.detach()
 
@@ -343,13 +370,19 @@ def run_case(
 ) -> dict:
     """Time every variant of one case on the same input; returns one result row (see README for the fields)."""
     case_start = time.perf_counter()
-    x_BSD, grad_BSD, hot_direction_D = make_inputs(case, seed)
+    x_BSD, grad_BSD, hot_direction_D, input_ids_BS = make_inputs(case, seed)
     seq_len = x_BSD.shape[1]
     ours = build_ours(case, hot_direction_D)
     variants = [Variant("dense", build_dense(case))]
     variants += [Variant(f"ours[{impl}]", ours, impl) for impl in case.experts_implementations]
     variants.append(Variant("switch", build_switch(case, ours, seq_len)))
-    steps = {variant.label: make_step(variant.module, x_BSD, grad_BSD) for variant in variants}
+    # our block also gets the token ids (the hash router routes by them; the others ignore them)
+    steps = {
+        variant.label: make_step(
+            variant.module, x_BSD, grad_BSD, **({"input_ids": input_ids_BS} if variant.module is ours else {})
+        )
+        for variant in variants
+    }
     timings = {variant.label: Timing(variant.label) for variant in variants}
 
     outputs = {}
@@ -411,7 +444,7 @@ def _summarize(case: Case, ours: SparseMoeBlock, timings: dict, outputs: dict, s
         for label, out in outputs.items()
         if label.startswith("ours[") and label != ours_label
     }
-    if case.top_k == 1 and case.capacity_factor is None:
+    if case.top_k == 1 and case.capacity_factor is None and case.router_type == "topk":
         max_abs_diff["switch"] = (outputs["switch"] - reference).abs().max().item()
     row = {
         "case": asdict(case),

@@ -3,7 +3,7 @@
 `import hf_moe` registers the MoE families with transformers' Auto classes.
 """
 
-from .conversion import ConversionReport, from_switch_transformers, moefy, save_converted
+from .conversion import ConversionReport, from_switch_transformers, moefy, save_converted, set_hash_tables
 from .modeling import (
     GPT2MoeConfig,
     GPT2MoeForCausalLM,
@@ -57,4 +57,5 @@ __all__ = [
     "register_balance_loss",
     "register_router",
     "save_converted",
+    "set_hash_tables",
 ]

@@ -61,9 +61,13 @@ def describe(path: str) -> dict:
         "architectures": getattr(config, "architectures", None),
         "moe_layers": moe_layers,
         "experts_per_layer": config.num_local_experts,
-        "experts_per_token": config.num_experts_per_tok,
+        # as the router counts them (expert choice: its capacity factor, on average)
+        "experts_per_token": config.experts_per_token if config.router_type in ROUTERS else config.num_experts_per_tok,
         "router_type": config.router_type,
         "router_label": _label(ROUTERS, config.router_type),
+        "router_settings": ROUTERS[config.router_type].router_class.settings(config)
+        if config.router_type in ROUTERS
+        else {},
         "combine_weights": "unit"
         if config.unit_combine_weights
         else ("normalized" if config.normalizes_top_k_weights else "probability"),
@@ -216,10 +220,11 @@ def run(args: argparse.Namespace) -> int:
     for stack, layers in summary["moe_layers"].items():
         print(f"  MoE {stack}: {layers or 'none'}")
     print(
-        f"  experts: {summary['experts_per_layer']} per layer, top-{summary['experts_per_token']}, "
+        f"  experts: {summary['experts_per_layer']} per layer, {summary['experts_per_token']:g} per token, "
         f"{summary['combine_weights']} combine weights"
     )
-    print(f"  router: {summary['router_type']} ({summary['router_label']})")
+    settings = "".join(f", {label.lower()} {value}" for label, value in summary["router_settings"].items())
+    print(f"  router: {summary['router_type']} ({summary['router_label']}){settings}")
     print(f"  capacity: {_capacity_line(summary)}")
     aux = summary["aux_loss"]
     print(f"  losses: {aux['type']} ({aux['label']}) x {aux['coef']}, z-loss x {summary['z_loss_coef']}")

@@ -16,9 +16,15 @@ from . import non_negative_float, positive_float, positive_int
 # The registries (routers, balance losses, drop policies, capacity scopes, init methods) import torch, so they are not
 # argparse `choices`: the help names the built-in entries, and `run` checks the value against the registry itself,
 # listing what it holds. tests/cli check that this text names every registered entry.
-ROUTER_HELP = "router by registry name; built in: topk (token-choice top-k softmax), noisy_topk (Shazeer et al. 2017)"
+ROUTER_HELP = (
+    "router by registry name; built in: topk (token-choice top-k softmax), noisy_topk (Shazeer et al. 2017), "
+    "hash (hash layers, Roller et al. 2021), base (BASE layers, Lewis et al. 2021), dense_to_sparse (Nie et al. "
+    "2021), expert_choice (Zhou et al. 2022)"
+)
 AUX_LOSS_HELP = "balance loss by registry name; built in: switch (Fedus et al. 2021), cv_squared (Shazeer et al. 2017)"
 INIT_HELP = "dense-to-sparse init: copy, noise, drop_upcycle, split"
+# hf_moe.modeling.configuration_moe.HASH_KINDS (tests/cli check that they match)
+HASH_KINDS = ("random", "balanced", "clustered")
 # the layer spec language of hf_moe.conversion.layer_selection (not imported here: that package imports torch)
 LAYER_SPEC_SHORT = "'all', 'none', 'every_other', 'top:N', 'bottom:N' or indices like '0,2'"
 
@@ -44,10 +50,39 @@ def add_parser(subparsers, name: str) -> None:
         "out", metavar="OUT", type=Path, help="output folder (must be absent or empty, unless --overwrite)"
     )
     parser.add_argument("--num-experts", metavar="E", type=positive_int, default=8, help="experts per MoE layer")
+    # None: not given; 2, or with --router-type hash one expert per hash head
     parser.add_argument(
-        "--top-k", metavar="K", type=positive_int, default=2, help="experts per token, at most --num-experts"
+        "--top-k",
+        metavar="K",
+        type=positive_int,
+        default=None,
+        help="experts per token, at most --num-experts (default: 2); with --router-type hash: --num-hash-heads",
     )
     parser.add_argument("--router-type", default="topk", metavar="NAME", help=ROUTER_HELP)
+    parser.add_argument(
+        "--hash-kind",
+        choices=HASH_KINDS,
+        default=None,
+        help="with --router-type hash: how the token -> expert table is built: random (seeded by --seed), balanced "
+        "(greedy bin packing of the token counts of --hash-corpus, counted with SRC's tokenizer) or clustered "
+        "(k-means of SRC's input embeddings) (default: random)",
+    )
+    parser.add_argument(
+        "--hash-corpus",
+        metavar="FILE",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="with --hash-kind balanced: the text files whose token frequencies the experts' loads are balanced on",
+    )
+    parser.add_argument(
+        "--num-hash-heads",
+        metavar="H",
+        type=positive_int,
+        default=None,
+        help="with --router-type hash: independent hashes per token (MultiHash; each picks one expert of its own "
+        "group of --num-experts / H) (default: 1)",
+    )
     parser.add_argument("--init", default="copy", metavar="METHOD", help=INIT_HELP)
     # None: not given; the library's default applies, and giving one with another --init is an error, not a no-op
     parser.add_argument(
@@ -122,7 +157,8 @@ def add_parser(subparsers, name: str) -> None:
         metavar="X",
         type=non_negative_float,
         default=None,
-        help="router_aux_loss_coef (default: the router's: 0.01 for topk and noisy_topk, 0 for the others)",
+        help="router_aux_loss_coef (default: the router's: 0.01 for topk, noisy_topk; "
+        "0 for hash, base, dense_to_sparse, expert_choice)",
     )
     parser.add_argument(
         "--z-loss-coef", metavar="X", type=non_negative_float, default=None, help="router_z_loss_coef (default: 0.001)"
@@ -202,6 +238,7 @@ def _convert_and_save(args: argparse.Namespace):
         "expert_dropout": args.expert_dropout,
         "normalize_top_k_weights": args.normalize_top_k_weights,
         "unit_combine_weights": True if args.unit_combine_weights else None,
+        "num_hash_heads": args.num_hash_heads,
     }
     init_options = {
         "noise_scale": args.noise_scale,
@@ -213,6 +250,8 @@ def _convert_and_save(args: argparse.Namespace):
         num_experts=args.num_experts,
         top_k=args.top_k,
         router_type=args.router_type,
+        hash_kind=args.hash_kind,
+        hash_corpus=args.hash_corpus,
         init=args.init,
         moe_layers=args.moe_layers,
         encoder_moe_layers=args.encoder_moe_layers,
@@ -243,7 +282,10 @@ def _convert_and_save(args: argparse.Namespace):
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Checks across arguments (each one's own range was checked by its argparse type)."""
+    """Checks across arguments (each one's own range was checked by its argparse type); fills in --top-k."""
+    _check_hash_arguments(args)
+    if args.top_k is None:
+        args.top_k = (args.num_hash_heads or 1) if args.router_type == "hash" else 2
     if args.top_k > args.num_experts:
         raise ValueError(
             f"--top-k {args.top_k} exceeds --num-experts {args.num_experts}; choose 1..{args.num_experts}"
@@ -268,6 +310,44 @@ def _check_arguments(args: argparse.Namespace) -> None:
                 f"--push-to-hub {args.push_to_hub!r} is not a Hub repo id; use 'name' or 'namespace/name' "
                 "(letters, digits, '-', '_', '.')"
             ) from None
+
+
+def _check_hash_arguments(args: argparse.Namespace) -> None:
+    hash_options = (
+        ("--hash-kind", args.hash_kind),
+        ("--hash-corpus", args.hash_corpus),
+        ("--num-hash-heads", args.num_hash_heads),
+    )
+    if args.router_type != "hash":
+        given = [option for option, value in hash_options if value is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} applies only with --router-type hash, got --router-type {args.router_type}"
+            )
+        return
+    heads = args.num_hash_heads or 1
+    if args.top_k is not None and args.top_k != heads:
+        raise ValueError(
+            f"--router-type hash sends each token to one expert per hash head: --top-k must be --num-hash-heads "
+            f"({heads}), got --top-k {args.top_k} (or leave --top-k out)"
+        )
+    if args.num_experts % heads:
+        raise ValueError(
+            f"--num-hash-heads {heads} splits the experts into equal groups: --num-experts {args.num_experts} must be "
+            "a multiple of it"
+        )
+    balanced = args.hash_kind == "balanced"
+    if balanced and args.hash_corpus is None:
+        raise ValueError(
+            "--hash-kind balanced balances the experts' loads on a corpus: give --hash-corpus FILE [FILE ...]"
+        )
+    if args.hash_corpus is not None and not balanced:
+        raise ValueError(
+            f"--hash-corpus applies only with --hash-kind balanced, got --hash-kind {args.hash_kind or 'random'}"
+        )
+    missing = [str(path) for path in args.hash_corpus or () if not path.expanduser().is_file()]
+    if missing:
+        raise FileNotFoundError(f"--hash-corpus: no such file: {', '.join(missing)}")
 
 
 def _check_out(out: Path, *, overwrite: bool) -> Path:

@@ -1,6 +1,13 @@
 """Conversions into hf_moe models. moefy: dense GPT-2 / T5 checkpoints -> Mixture-of-Experts models (sparse upcycling
-and friends); imports of other MoE implementations (Switch Transformers)."""
+and friends); imports of other MoE implementations (Switch Transformers); the token -> expert tables of hash layers."""
 
+from .hash_tables import (
+    balanced_hash_table,
+    clustered_hash_table,
+    random_hash_table,
+    set_hash_tables,
+    token_frequencies,
+)
 from .init_methods import INIT_METHODS, DenseFFN, init_experts
 from .layer_selection import select_layers
 from .moefy import SUPPORTED_MODEL_TYPES, moefy
@@ -14,9 +21,14 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ConversionReport",
     "DenseFFN",
+    "balanced_hash_table",
+    "clustered_hash_table",
     "from_switch_transformers",
     "init_experts",
     "moefy",
+    "random_hash_table",
     "save_converted",
     "select_layers",
+    "set_hash_tables",
+    "token_frequencies",
 ]

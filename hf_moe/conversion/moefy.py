@@ -4,7 +4,7 @@ What moefy knows about a family is its declared `FamilyMapping` (`gpt2.py`, `t5.
 plus the `moe_part` markers of the MoE model: no module path is written here. Every non-FFN weight is copied exactly
 (checked name by name: a dense weight with no place in the MoE model is an error, never silently dropped). Each chosen
 layer's FFN becomes E experts by a dense-to-sparse init method (`init_methods.py`); routers start small and random
-from the seed. The MoE model is allocated without random init and filled layer by layer, so peak memory is the dense
+from the seed (hash routers: the token -> expert table `hash_kind` names, `hash_tables.py`). The MoE model is allocated without random init and filled layer by layer, so peak memory is the dense
 model plus the MoE model.
 
 Sources: a model object, a local folder, or a Hub id (`source.resolve_source`: from the local Hub cache without any
@@ -26,9 +26,11 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..modeling._compat import from_config_without_init
+from ..modeling.configuration_moe import HASH_KINDS
 from ..modeling.moe_parts import moe_blocks, moe_experts, moe_parts, moe_routers
 from . import gpt2, t5
 from .family import FamilyMapping, LayerPlan
+from .hash_tables import balanced_hash_table, clustered_hash_table, set_hash_tables, token_frequencies
 from .init_methods import INIT_METHODS, init_experts
 from .report import ConversionReport
 from .source import looks_like_repo_id, resolve_source
@@ -41,7 +43,16 @@ FAMILIES: dict[str, FamilyMapping] = {
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 # MoE config fields that moefy sets from its own named arguments: an override of them would be ambiguous
-_SET_BY_ARGUMENT = {"num_local_experts": "num_experts", "num_experts_per_tok": "top_k", "router_type": "router_type"}
+_SET_BY_ARGUMENT = {
+    "num_local_experts": "num_experts",
+    "num_experts_per_tok": "top_k",
+    "router_type": "router_type",
+    "hash_kind": "hash_kind",
+}
+# what a saved tokenizer leaves in a folder (`save_pretrained` writes the config; Hub repos may have only the others)
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
+# config fields that only the hash router reads: given with another router they would do nothing
+_HASH_FIELDS = ("num_hash_heads", "hash_seed")
 
 
 def moefy(
@@ -50,6 +61,8 @@ def moefy(
     num_experts: int = 8,
     top_k: int = 2,
     router_type: str = "topk",
+    hash_kind: str | None = None,
+    hash_corpus=None,
     init: str = "copy",
     noise_scale: float = 0.01,
     drop_ratio: float = 0.5,
@@ -66,6 +79,11 @@ def moefy(
 
     Args:
         num_experts, top_k, router_type: experts per MoE layer, experts per token, router by registry name.
+        hash_kind: router_type="hash" only: how the token -> expert table is built: "random" (the default: seeded by
+            `seed`, or the `hash_seed` override), "balanced" (greedy bin packing of the token frequencies of
+            `hash_corpus`, counted with the source folder's tokenizer) or "clustered" (k-means of the dense model's
+            input embeddings). See `hf_moe.conversion.hash_tables`. With `num_hash_heads=H` (MultiHash), top_k=H.
+        hash_corpus: hash_kind="balanced" only: text files (paths) or a `datasets.Dataset` with a "text" column.
         init: dense-to-sparse initialization, one of "copy", "noise", "drop_upcycle", "split".
         noise_scale: "noise" only: noise std as a fraction of each weight's std.
         drop_ratio: "drop_upcycle" only: fraction of each expert's intermediate neurons re-initialized.
@@ -82,8 +100,9 @@ def moefy(
     """
     if init not in INIT_METHODS:
         raise ValueError(f"init must be one of {tuple(INIT_METHODS)}, got {init!r}")
+    hash_kind, hash_corpus = _check_hash_arguments(router_type, hash_kind, hash_corpus, top_k, config_overrides)
     # everything that can be checked on the config is checked before the (possibly long) weight load
-    dense_config, source_class, load_dense, source_name = _resolve_source(model_or_path)
+    dense_config, source_class, load_dense, source_name, location = _resolve_source(model_or_path)
     family = _family_for(dense_config.model_type)
     target_class = family.target_classes.get(source_class)
     if target_class is None:
@@ -105,9 +124,15 @@ def moefy(
     }.get(init, {})
 
     moe_fields = {"num_local_experts": num_experts, "num_experts_per_tok": top_k, "router_type": router_type}
+    if hash_kind is not None:
+        moe_fields["hash_seed"] = seed  # `seed` seeds every random choice, the random table too
     moe_fields.update(config_overrides)
     # built once before the weights load only to validate it: a bad value is reported at once, not minutes later
     family.build_config(dense_config, {**selected_layers, **moe_fields})
+    if hash_kind == "balanced":
+        # counted before the weights load: a missing tokenizer or an unreadable corpus is reported at once
+        tokenizer = _source_tokenizer(location, source_name)
+        counts_V = token_frequencies(tokenizer, hash_corpus, vocab_size=dense_config.vocab_size, progress=progress)
 
     dense = load_dense()
     if init == "split":
@@ -136,6 +161,17 @@ def moefy(
             _write_experts(family, plan, plan.kind.expert_parameters(experts_tensors))
             # small and random, never all zero: with identical experts, equal logits would tie every routing decision
             _one_part(plan, "router").init_weights(config.router_init_std, generator=generator)
+        if hash_kind == "balanced":
+            set_hash_tables(
+                moe, balanced_hash_table(counts_V, num_experts, config.num_hash_heads, config.hash_seed), "balanced"
+            )
+        elif hash_kind == "clustered":
+            embeddings_VD = dense.get_input_embeddings().weight
+            set_hash_tables(
+                moe,
+                clustered_hash_table(embeddings_VD, num_experts, config.num_hash_heads, config.hash_seed),
+                "clustered",
+            )
     if getattr(dense, "generation_config", None) is not None:
         moe.generation_config = copy.deepcopy(dense.generation_config)
     moe.to(dense.device)
@@ -164,11 +200,13 @@ def moefy(
     return moe
 
 
-def _resolve_source(model_or_path) -> tuple[PretrainedConfig, str, Callable[[], PreTrainedModel], str]:
-    """(dense config, source class name, loader of the dense model, source name), without loading any weights."""
+def _resolve_source(model_or_path) -> tuple[PretrainedConfig, str, Callable[[], PreTrainedModel], str, str | None]:
+    """(dense config, source class name, loader of the dense model, source name, the local folder it is in, if any),
+    without loading any weights."""
     if isinstance(model_or_path, PreTrainedModel):
         name = getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__
-        return model_or_path.config, type(model_or_path).__name__, lambda: model_or_path, name
+        folder = name if Path(name).is_dir() else None  # a model loaded from a folder remembers it
+        return model_or_path.config, type(model_or_path).__name__, lambda: model_or_path, name, folder
     if not isinstance(model_or_path, (str, Path)):
         raise TypeError(f"moefy takes a transformers model, a folder or a Hub id; got {type(model_or_path).__name__}")
     source = str(model_or_path)
@@ -210,7 +248,74 @@ def _resolve_source(model_or_path) -> tuple[PretrainedConfig, str, Callable[[], 
                 f"`hf download {source}`"
             ) from error
 
-    return config, source_class, load, source
+    return config, source_class, load, source, location if is_local else None
+
+
+def _check_hash_arguments(router_type: str, hash_kind, hash_corpus, top_k: int, overrides: dict) -> tuple:
+    """(hash_kind, hash_corpus as a list of Paths or a Dataset); None, None for another router."""
+    if router_type != "hash":
+        given = [name for name, value in (("hash_kind", hash_kind), ("hash_corpus", hash_corpus)) if value is not None]
+        given += [name for name in _HASH_FIELDS if name in overrides]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} apply only with router_type='hash' (hash layers), got router_type={router_type!r}"
+            )
+        return None, None
+    hash_kind = "random" if hash_kind is None else hash_kind
+    if hash_kind not in HASH_KINDS:
+        raise ValueError(f"hash_kind must be one of {HASH_KINDS}, got {hash_kind!r}")
+    num_heads = overrides.get("num_hash_heads", 1)
+    if top_k != num_heads:
+        raise ValueError(
+            f"router_type='hash' sends each token to num_hash_heads={num_heads} experts, one per head: pass "
+            f"top_k={num_heads} (got top_k={top_k})"
+        )
+    if hash_kind != "balanced":
+        if hash_corpus is not None:
+            raise ValueError(f"hash_corpus applies only with hash_kind='balanced', got hash_kind={hash_kind!r}")
+        return hash_kind, None
+    if hash_corpus is None:
+        raise ValueError(
+            "hash_kind='balanced' balances the experts' loads on a corpus: pass hash_corpus (text files, or a "
+            "datasets.Dataset with a 'text' column)"
+        )
+    if type(hash_corpus).__name__ in ("Dataset", "IterableDataset"):
+        return hash_kind, hash_corpus
+    files = [hash_corpus] if isinstance(hash_corpus, (str, Path)) else hash_corpus
+    if not isinstance(files, (list, tuple)) or not files or not all(isinstance(f, (str, Path)) for f in files):
+        raise TypeError(
+            f"hash_corpus must be text files (a path or a list of paths) or a datasets.Dataset, got {hash_corpus!r}"
+        )
+    missing = [str(f) for f in files if not Path(f).expanduser().is_file()]
+    if missing:
+        raise FileNotFoundError(f"hash_corpus files not found: {', '.join(missing)}")
+    return hash_kind, [Path(f).expanduser() for f in files]
+
+
+def _source_tokenizer(location: str | None, source_name: str):
+    """The tokenizer saved with the dense model (a balanced hash counts the tokens the model will see)."""
+    from transformers import AutoTokenizer
+
+    if location is None:
+        raise ValueError(
+            f"hash_kind='balanced' counts the corpus with the source's tokenizer, but {source_name} is a model object "
+            "that was not loaded from a folder; pass the model's folder (with its tokenizer files) instead"
+        )
+    # transformers 5 makes an empty tokenizer of the config's type from a folder without tokenizer files; that would
+    # count every text as unknown tokens, so the files are looked for first
+    if not any((Path(location) / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(
+            f"hash_kind='balanced' counts the corpus with the source's tokenizer, but {source_name} has no tokenizer "
+            f"files ({', '.join(_TOKENIZER_FILES)}); save one in the folder (tokenizer.save_pretrained)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(location, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        why = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ValueError(
+            f"hash_kind='balanced' counts the corpus with the source's tokenizer, but {source_name} has no tokenizer "
+            f"that loads ({why}); save one in the folder (tokenizer.save_pretrained)"
+        ) from error
 
 
 def _family_for(model_type: str | None) -> FamilyMapping:

@@ -192,8 +192,9 @@ def _routing_rows(config) -> list[tuple[str, str]]:
     ]
     return [
         ("Experts per MoE layer", str(config.num_local_experts)),
-        ("Experts per token (top-k)", str(config.num_experts_per_tok)),
+        ("Experts per token", _experts_per_token(config)),
         ("Router", f"`{config.router_type}`: {_registry_label(ROUTERS, config.router_type)}"),
+        *_router_settings(config).items(),
         ("Combine weights", combine),
         ("Router noise in training", ", ".join(n for n in noise if n) or "none"),
         *_capacity_rows(config),
@@ -205,6 +206,20 @@ def _routing_rows(config) -> list[tuple[str, str]]:
         ("Router z-loss coefficient", str(config.router_z_loss_coef)),
         ("Expert dropout", str(config.expert_dropout)),
     ]
+
+
+def _experts_per_token(config) -> str:
+    # as the router counts it (expert choice: its capacity factor, on average); top-k for an unregistered router
+    if config.router_type not in ROUTERS:
+        return str(config.num_experts_per_tok)
+    return f"{config.experts_per_token:g}"
+
+
+def _router_settings(config) -> dict[str, str]:
+    # the router's own settings (`Router.settings`); none for a router not registered here
+    if config.router_type not in ROUTERS:
+        return {}
+    return ROUTERS[config.router_type].router_class.settings(config)
 
 
 def _aux_loss_coef(config) -> str:

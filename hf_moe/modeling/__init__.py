@@ -36,19 +36,25 @@ from .modeling_t5_moe import (
 from .moe_parts import moe_blocks, moe_experts, moe_part_kind, moe_parts, moe_routers
 from .registry import BALANCE_LOSSES, ROUTERS, build_router, register_balance_loss, register_router
 from .routing import NoisyTopKRouter, Router, RouterDecision, RouterNoise, RoutingInputs, TopKRouter
+from .routing_dense_to_sparse import DenseToSparseRouter
+from .routing_expert_choice import ExpertChoiceRouter
+from .routing_hash import HashRouter
 from .sparse_moe import RouterLosses, RouterLossValues, SparseMoeBlock
 
 __all__ = [
     "BALANCE_LOSSES",
     "ROUTERS",
     "Capacity",
+    "DenseToSparseRouter",
     "ExpertActivation",
+    "ExpertChoiceRouter",
     "GPT2MoeConfig",
     "GPT2MoeExperts",
     "GPT2MoeForCausalLM",
     "GPT2MoeForSequenceClassification",
     "GPT2MoeModel",
     "GPT2MoePreTrainedModel",
+    "HashRouter",
     "MoeConfigFields",
     "MoeExperts",
     "NoisyTopKRouter",

@@ -85,7 +85,7 @@ class MoeConfigFields:
     hash_seed: int = 0
     # dense-to-sparse gate: experts whose gate weight exceeds this are active for a token (at most
     # num_experts_per_tok, at least its best expert)
-    gate_threshold: float = 0.001
+    gate_threshold: float = 0.01
     # expert choice in a causal decoder: each expert picks its tokens among the whole batch, so a token's output then
     # depends on later tokens (a leak of the future); True accepts that
     allow_noncausal_routing: bool = False

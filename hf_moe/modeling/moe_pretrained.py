@@ -115,6 +115,15 @@ class MoePreTrainedMixin(PrivateModelHooks):
         elif kind == "router":
             module.init_weights(self.config.router_init_std)
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        """transformers' resize, then every router with a token-id table (hash layers) widened to the new vocabulary
+        without changing any routing, so that the model saves and loads with a table that fits its config."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        for _, router in moe_parts(self, "router"):
+            if hasattr(router, "resize_table"):
+                router.resize_table(self.config.vocab_size)
+        return embeddings
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         if enable:
             require_non_reentrant_checkpointing(gradient_checkpointing_func)
@@ -178,6 +187,8 @@ def warn_if_router_losses_unused(model) -> None:
     if config.aux_loss_coef == 0 and config.router_z_loss_coef == 0:
         return
     model._warned_router_losses_unused = True
+    if not any(getattr(router, "learned", True) for _, router in moe_parts(model, "router")):
+        return  # routers with nothing to learn (hash) have no losses to lose
     logger.warning(
         f"{type(model).__name__} is training without labels and without output_router_logits, so its router losses "
         f"(router_aux_loss_coef={config.aux_loss_coef}, router_z_loss_coef={config.router_z_loss_coef}) are in "

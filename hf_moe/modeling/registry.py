@@ -24,6 +24,9 @@ import torch
 
 from .losses import importance_load_balance_loss, switch_balance_loss
 from .routing import NoisyTopKRouter, Router, TopKRouter
+from .routing_dense_to_sparse import DenseToSparseRouter
+from .routing_expert_choice import ExpertChoiceRouter
+from .routing_hash import HashRouter
 
 __all__ = [
     "BALANCE_LOSSES",
@@ -102,6 +105,24 @@ register_router(
     NoisyTopKRouter,
     extra_parameters=lambda num_experts, hidden_size: 2 * num_experts * hidden_size,
     card_label="noisy top-k gating (Shazeer et al. 2017)",
+)
+register_router(
+    "dense_to_sparse",
+    DenseToSparseRouter,
+    extra_parameters=lambda num_experts, hidden_size: num_experts * hidden_size,
+    card_label="dense-to-sparse Gumbel gate (Nie et al. 2021)",
+)
+register_router(
+    "expert_choice",
+    ExpertChoiceRouter,
+    extra_parameters=lambda num_experts, hidden_size: num_experts * hidden_size,
+    card_label="expert choice: each expert takes its top-C tokens (Zhou et al. 2022)",
+)
+register_router(
+    "hash",
+    HashRouter,
+    extra_parameters=lambda num_experts, hidden_size: 0,
+    card_label="hash layers: fixed token-id -> expert table (Roller et al. 2021)",
 )
 register_balance_loss("switch", switch_balance_loss, card_label="Switch load balancing (Fedus et al. 2021)")
 register_balance_loss(

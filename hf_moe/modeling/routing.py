@@ -6,10 +6,11 @@ The contract every router keeps (chosen by name, `config.router_type`, from `reg
 
 ```
 RoutingInputs(hidden_TD, num_sequences, token_mask_T, input_ids_T)  ->  router  ->  RouterDecision(
-    logits_TE        float32 logits the routing softmax used (training noise and temperature included),
+    logits_TE        float32 router logits, training noise included, temperature not (the z-loss keeps these small),
     top_k_index_TK   int64 expert ids; a slot a router leaves unused holds the sentinel id E,
     top_k_weights_TK float32 combine weights; 0 at unused slots,
-    probs_TE         the routing softmax, when the router computed one (saves the losses computing it again),
+    probs_TE         the routing softmax (temperature included), when the router computed one (the losses, the
+                     metrics and "probability" drops use it; without it they take softmax(logits_TE)),
     noise            what a load estimator needs from noisy gating, or None)
 ```
 A router whose tokens may use fewer than K experts (0..E experts per token) sets `leaves_slots_unused = True`; the
@@ -79,7 +80,7 @@ class RouterDecision(NamedTuple):
     noise: RouterNoise | None = None
 
     def routing_probs(self) -> torch.Tensor:
-        """softmax(logits_TE) in float32, the router's own when it computed it."""
+        """The routing distribution in float32: the router's own softmax, else softmax(logits_TE)."""
         return self.probs_TE if self.probs_TE is not None else torch.softmax(self.logits_TE.float(), dim=-1)
 
 
@@ -114,6 +115,11 @@ class Router(nn.Module):
     def validate_config(cls, config) -> None:
         """Raise `ValueError` (naming the field and what is allowed) for config values this router cannot use; the
         config's validation calls it, so a bad combination fails when the config is built, before any weights."""
+
+    @classmethod
+    def settings(cls, config) -> dict[str, str]:
+        """This router's own config settings, label -> value, for model cards and `hf-moe inspect`."""
+        return {}
 
     @classmethod
     def experts_per_token(cls, config) -> float:
@@ -168,11 +174,10 @@ class TopKRouter(Router):
                 jitter_TD = torch.empty_like(hidden_TD).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
                 hidden_TD = hidden_TD * jitter_TD
             logits_TE, noise = self.perturb_logits(hidden_TD, F.linear(hidden_TD, self.weight.float()))
-            # Temperature (dense-to-sparse gate, Nie et al. 2021) reshapes the softmax but not which experts win;
-            # skipped at 1.0 so the default path does no extra work
-            if self.temperature != 1.0:
-                logits_TE = logits_TE / self.temperature
-            probs_TE = torch.softmax(logits_TE, dim=-1)
+            # Temperature (dense-to-sparse schedule) reshapes the softmax but not which experts win; skipped at 1.0 so
+            # the default path does no extra work. `logits_TE` stays untempered: a z-loss on logits / 0.02 would be
+            # 2500x larger and fight the annealing
+            probs_TE = torch.softmax(logits_TE if self.temperature == 1.0 else logits_TE / self.temperature, dim=-1)
             top_k_probs_TK, top_k_index_TK = torch.topk(probs_TE, self.top_k, dim=-1)
             if self.unit_combine_weights:
                 top_k_weights_TK = torch.ones_like(top_k_probs_TK)

@@ -179,8 +179,8 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         self.tokens_without_expert += ((kept_per_token_T == 0).float() * token_weights_T).sum()
         kept_load_E = torch.zeros_like(self.routed_tokens_per_expert).scatter_add_(0, expert_N, kept_weights_N)
         self.balanced_forwards += (kept_load_E.max() - kept_load_E.min() <= 1).float()
-        log_probs_TE = torch.log_softmax(decision.logits_TE, dim=-1)
-        entropy_T = -(log_probs_TE.exp() * log_probs_TE).sum(dim=-1)
+        # of the distribution the routing used (temperature included); entr(0) = 0, so zero probabilities are fine
+        entropy_T = torch.special.entr(decision.routing_probs()).sum(dim=-1)
         self.router_entropy_sum += (entropy_T * token_weights_T).sum()
         self.num_tokens += token_weights_T.sum()
         self.balance_loss_sum += losses.balance_loss.detach()

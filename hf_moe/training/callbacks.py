@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..modeling.moe_parts import moe_routers
 from .load_balance import CounterAccumulator, counter_reduce_group, layer_metrics, metrics_from_counts, moe_blocks
 
 __all__ = ["LoadBalanceCallback"]
@@ -31,6 +32,15 @@ def _eval_prefix(logs: dict) -> str | None:
         if key.endswith("_runtime") and key != "train_runtime":
             return key[: -len("_runtime")]
     return None
+
+
+def _router_temperature(model) -> dict[str, float]:
+    # what the routers ran the last step with (DenseToSparseCallback sets it alike on every router and rank);
+    # logged only when it is not the plain softmax's 1.0, so top-k runs do not log a constant
+    temperatures = [getattr(router, "temperature", 1.0) for _, router in moe_routers(model)] if model else []
+    if not temperatures or all(t == 1.0 for t in temperatures):
+        return {}
+    return {"moe/router_temperature": sum(temperatures) / len(temperatures)}
 
 
 class LoadBalanceCallback(TrainerCallback):
@@ -134,6 +144,7 @@ class LoadBalanceCallback(TrainerCallback):
             self._train.harvest()
             counts = self._train.reduce_and_reset()
             metrics = metrics_from_counts(counts, prefix="moe", per_expert=self.log_per_expert)
+            metrics.update(_router_temperature(model))
             self._record(state.global_step, counts)
         else:
             return

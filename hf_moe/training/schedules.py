@@ -2,8 +2,12 @@
 
 Training starts with a high router temperature (soft routing: the combine weights spread over the chosen experts,
 and with a large top-k many experts train on every token) and anneals towards a low temperature (and small top-k):
-sparse routing. The router side lives in the modeling core: `Router.temperature` divides the logits before the
-softmax and `Router.top_k` is read in every forward (hf_moe/modeling/routing.py). This callback only sets them.
+sparse routing. The router side lives in the modeling core: a router's `temperature` divides the logits before the
+softmax and `top_k` is read in every forward. Two routers have a temperature: `router_type="dense_to_sparse"` (the
+paper's Gumbel gate, whose active experts are those above `gate_threshold`, so the experts per token fall as the
+temperature does) and `"topk"` / `"noisy_topk"` (whose top-k stays fixed unless this callback anneals it too).
+This callback only sets them. `LoadBalanceCallback` logs what they do: `moe/router_temperature` and
+`moe/experts_per_token`, the experts each token actually used (counted by the MoE blocks, summed over ranks).
 """
 
 from __future__ import annotations
@@ -110,13 +114,19 @@ class DenseToSparseCallback(TrainerCallback):
         if not routers:
             logger.warning("DenseToSparseCallback: the model has no routers; nothing to anneal.")
             return
+        without = sorted({type(r).__name__ for r in routers if not hasattr(r, "temperature")})
+        if without:
+            raise ValueError(
+                f"DenseToSparseCallback anneals the router temperature, but {', '.join(without)} has none; use "
+                "router_type='dense_to_sparse', 'topk' or 'noisy_topk'"
+            )
         if self.start_top_k is not None:
             num_experts = min(r.num_experts for r in routers)
             if max(self.start_top_k, self.end_top_k) > num_experts:
                 raise ValueError(
                     f"top-k schedule {self.start_top_k} -> {self.end_top_k} exceeds the experts per layer ({num_experts})"
                 )
-            if self.end_top_k == 1 and any(r.normalize_top_k_weights for r in routers):
+            if self.end_top_k == 1 and any(getattr(r, "normalize_top_k_weights", False) for r in routers):
                 logger.warning(
                     "DenseToSparseCallback: top-k anneals to 1 with normalize_top_k_weights on, so the single "
                     "combine weight is always 1 and the router learns only from its auxiliary losses."
@@ -133,6 +143,7 @@ class DenseToSparseCallback(TrainerCallback):
             return
         config.router_temperature = routers[0].temperature
         if self.start_top_k is not None:
-            # pin the normalization the routers were built with: the config derives it from top-k when None
-            config.normalize_top_k_weights = routers[0].normalize_top_k_weights
+            if hasattr(routers[0], "normalize_top_k_weights"):
+                # pin the normalization the routers were built with: the config derives it from top-k when None
+                config.normalize_top_k_weights = routers[0].normalize_top_k_weights
             config.num_experts_per_tok = routers[0].top_k

@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 
 from hf_moe.cli.main import main
+from hf_moe.modeling.registry import ROUTERS
 
 HEAVY = ("torch", "transformers", "hf_moe.modeling", "hf_moe.conversion")
 
@@ -104,11 +105,20 @@ def test_the_defaults_the_help_states_are_the_library_defaults(capsys):
         ("--capacity-scope", "capacity_scope"),
         ("--drop-policy", "drop_policy"),
         ("--aux-loss-type", "aux_loss_type"),
-        ("--aux-loss-coef", "router_aux_loss_coef"),
         ("--z-loss-coef", "router_z_loss_coef"),
     ):
         after = text.split(option, 2)[-1]  # the option's line in the help body, after the usage line
         assert f"(default: {config_defaults[field]})" in after.split(" --", 1)[0], option
+    # router_aux_loss_coef=None: each router's own default, which the help lists
+    after = " ".join(text.split("--aux-loss-coef", 2)[-1].split(" --", 1)[0].split())
+    stated = after.split("(default: the router's: ", 1)[1].split(")", 1)[0]  # "0.01 for a, b; 0 for c, d"
+    stated_coefs = {
+        name.strip(): float(coef)
+        for group in stated.split("; ")
+        for coef, names in [group.split(" for ")]
+        for name in names.split(",")
+    }
+    assert stated_coefs == {name: entry.router_class.default_aux_loss_coef for name, entry in ROUTERS.items()}
 
 
 def test_the_layer_spec_summary_matches_the_library():

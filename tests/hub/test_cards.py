@@ -71,7 +71,7 @@ def test_body_records_conversion_routing_and_parameter_counts(tmp_path):
         # from the config
         "| MoE layers | 1 (of 2) |",
         "| Experts per MoE layer | 4 |",
-        "| Experts per token (top-k) | 2 |",
+        "| Experts per token | 2 |",
         "| Router | `topk`",
         "| Capacity factor (training) | 1.5 ",
         "| Capacity factor (evaluation) | dropless",

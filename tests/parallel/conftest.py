@@ -32,8 +32,10 @@ def tiny_t5_config(**overrides) -> hf_moe.T5MoeConfig:
 # of FSDP's gradient reduction flip near-tied expert choices within a few steps, and the runs part for a reason
 # that has nothing to do with expert parallelism (FSDP alone, ep_size=1, parts the same way).
 FAMILY_CONFIGS = {
-    "gpt2": lambda **kw: tiny_gpt2_moe_config(capacity_factor=1.0, min_capacity=1, router_init_std=1.0, **kw),
-    "t5": lambda **kw: tiny_t5_config(feed_forward_proj="gated-gelu", router_init_std=1.0, **kw),
+    "gpt2": lambda **kw: tiny_gpt2_moe_config(
+        **{"capacity_factor": 1.0, "min_capacity": 1, "router_init_std": 1.0, **kw}
+    ),
+    "t5": lambda **kw: tiny_t5_config(**{"feed_forward_proj": "gated-gelu", "router_init_std": 1.0, **kw}),
 }
 
 

@@ -24,6 +24,28 @@ def test_ep_matches_single_process(family, tmp_path):
     run_distributed(equivalence_and_training, family, folder, str(tmp_path))
 
 
+# The literature's routers under EP. Each rank routes its own micro-batch, as the reference does micro-batch by
+# micro-batch, so BASE's balanced assignment and expert choice are per rank (per micro-batch) on both sides.
+ROUTER_OVERRIDES = {
+    "hash": dict(router_type="hash", num_experts_per_tok=1),
+    "base": dict(router_type="base", num_experts_per_tok=1),
+    "dense_to_sparse": dict(router_type="dense_to_sparse", num_experts_per_tok=3),
+    "expert_choice": dict(router_type="expert_choice", capacity_factor=2.0),
+}
+FAMILY_ROUTER_OVERRIDES = {
+    # GPT-2's MoE layers are causal: expert choice needs the opt-in; T5 uses it in the encoder only
+    "gpt2": {"expert_choice": dict(allow_noncausal_routing=True)},
+    "t5": {"expert_choice": dict(decoder_moe_layers=[])},
+}
+
+
+@pytest.mark.parametrize("router", sorted(ROUTER_OVERRIDES))
+def test_ep_matches_single_process_for_every_router(family, router, tmp_path):
+    overrides = {**ROUTER_OVERRIDES[router], **FAMILY_ROUTER_OVERRIDES[family].get(router, {})}
+    folder = save_tiny(family, tmp_path / "model", **overrides)
+    run_distributed(equivalence_and_training, family, folder, str(tmp_path))
+
+
 # 4 gloo processes also run on 2 cores (about 15 s each): the README's 4-rank diagram, and one expert per rank
 @pytest.mark.parametrize("ep_size", [2, 4])
 def test_ep_on_4_processes_matches_single_process(family, ep_size, tmp_path):

@@ -46,6 +46,13 @@ def micro_batch(family: str, index: int) -> dict:
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
+def seeded_forward(model, family: str, index: int):
+    """The model on micro-batch `index`, with the global RNG seeded by the index: a router's training noise (the
+    dense-to-sparse gate's Gumbel noise) is then the same on the rank that holds a micro-batch as in the reference."""
+    torch.manual_seed(10_000 + index)
+    return model(**micro_batch(family, index))
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
@@ -95,9 +102,9 @@ def assert_callback_logs_global_counts(model, reference, family: str, rank: int,
         if isinstance(module, hf_moe.SparseMoeBlock):
             module.reset_counters()
     with torch.no_grad():
-        model(**micro_batch(family, 20 + rank))
+        seeded_forward(model, family, 20 + rank)
         for index in range(world_size):
-            reference(**micro_batch(family, 20 + index))
+            seeded_forward(reference, family, 20 + index)
     callback.on_step_end(args, state, control)
     logs = {"loss": 0.0}
     callback.on_log(args, state, control, logs=logs, model=model)
@@ -131,10 +138,10 @@ def equivalence_and_training(
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=1e-3, momentum=0.9)
 
     # 1. forward + backward on this rank's micro-batch vs the reference on both micro-batches
-    out = model(**micro_batch(family, rank))
+    out = seeded_forward(model, family, rank)
     out.loss.backward()
     for index in range(world_size):
-        ref_out = reference(**micro_batch(family, index))
+        ref_out = seeded_forward(reference, family, index)
         (ref_out.loss / world_size).backward()
         if index == rank:
             torch.testing.assert_close(out.logits, ref_out.logits, **TOLERANCE)
@@ -153,9 +160,9 @@ def equivalence_and_training(
         if step:
             optimizer.zero_grad()
             ref_optimizer.zero_grad()
-            model(**micro_batch(family, world_size * step + rank)).loss.backward()
+            seeded_forward(model, family, world_size * step + rank).loss.backward()
             for index in range(world_size):
-                (reference(**micro_batch(family, world_size * step + index)).loss / world_size).backward()
+                (seeded_forward(reference, family, world_size * step + index).loss / world_size).backward()
         optimizer.step()
         ref_optimizer.step()
     assert_close_dicts(full_params(model), full_params(reference), "parameter after 3 steps", TRAINED_TOLERANCE)
