@@ -36,6 +36,7 @@ from .modeling_t5_moe import (
 from .moe_parts import moe_blocks, moe_experts, moe_part_kind, moe_parts, moe_routers
 from .registry import BALANCE_LOSSES, ROUTERS, build_router, register_balance_loss, register_router
 from .routing import NoisyTopKRouter, Router, RouterDecision, RouterNoise, RoutingInputs, TopKRouter
+from .routing_base import BaseLayerRouter, balanced_assignment
 from .routing_dense_to_sparse import DenseToSparseRouter
 from .routing_expert_choice import ExpertChoiceRouter
 from .routing_hash import HashRouter
@@ -44,6 +45,7 @@ from .sparse_moe import RouterLosses, RouterLossValues, SparseMoeBlock
 __all__ = [
     "BALANCE_LOSSES",
     "ROUTERS",
+    "BaseLayerRouter",
     "Capacity",
     "DenseToSparseRouter",
     "ExpertActivation",
@@ -73,6 +75,7 @@ __all__ = [
     "T5MoeModel",
     "T5MoePreTrainedModel",
     "TopKRouter",
+    "balanced_assignment",
     "build_router",
     "capacity_keep_mask",
     "cv_squared",

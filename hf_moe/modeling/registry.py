@@ -24,6 +24,7 @@ import torch
 
 from .losses import importance_load_balance_loss, switch_balance_loss
 from .routing import NoisyTopKRouter, Router, TopKRouter
+from .routing_base import BaseLayerRouter
 from .routing_dense_to_sparse import DenseToSparseRouter
 from .routing_expert_choice import ExpertChoiceRouter
 from .routing_hash import HashRouter
@@ -123,6 +124,12 @@ register_router(
     HashRouter,
     extra_parameters=lambda num_experts, hidden_size: 0,
     card_label="hash layers: fixed token-id -> expert table (Roller et al. 2021)",
+)
+register_router(
+    "base",
+    BaseLayerRouter,
+    extra_parameters=lambda num_experts, hidden_size: num_experts * hidden_size,
+    card_label="BASE layers: balanced assignment (Lewis et al. 2021)",
 )
 register_balance_loss("switch", switch_balance_loss, card_label="Switch load balancing (Fedus et al. 2021)")
 register_balance_loss(
