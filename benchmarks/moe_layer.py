@@ -221,8 +221,10 @@ def build_switch(case: Case, ours: SparseMoeBlock, seq_len: int) -> SwitchTransf
         router_dtype="float32",
     )
     switch = SwitchTransformersSparseMLP(config)
-    # the same router and expert weights as ours: identical routing, and at top-1 the identical function
-    switch.router.classifier.weight.copy_(ours.router.weight)
+    # the same router and expert weights as ours: identical routing, and at top-1 the identical function (the hash
+    # router has no weights: Switch keeps its random router there, a reference for the cost of learned routing)
+    if hasattr(ours.router, "weight"):
+        switch.router.classifier.weight.copy_(ours.router.weight)
     for index in range(case.num_experts):
         expert = switch.experts[f"expert_{index}"]
         expert.wi.weight.copy_(ours.experts.up_proj[index].t())  # ours is GPT-2's Conv1D layout (D, F)

@@ -164,6 +164,19 @@ def add_parser(subparsers, name: str) -> None:
         "--z-loss-coef", metavar="X", type=non_negative_float, default=None, help="router_z_loss_coef (default: 0.001)"
     )
     parser.add_argument(
+        "--gate-threshold",
+        metavar="X",
+        type=ratio,
+        default=None,
+        help="dense_to_sparse only: experts whose gate weight exceeds X are active (default: 0.01)",
+    )
+    parser.add_argument(
+        "--allow-noncausal-routing",
+        action="store_true",
+        help="expert_choice in a causal stack (GPT-2, T5's decoder): accept that a token's output then depends on "
+        "later tokens of the batch",
+    )
+    parser.add_argument(
         "--expert-dropout",
         metavar="P",
         type=ratio,
@@ -239,6 +252,8 @@ def _convert_and_save(args: argparse.Namespace):
         "normalize_top_k_weights": args.normalize_top_k_weights,
         "unit_combine_weights": True if args.unit_combine_weights else None,
         "num_hash_heads": args.num_hash_heads,
+        "gate_threshold": args.gate_threshold,
+        "allow_noncausal_routing": True if args.allow_noncausal_routing else None,
     }
     init_options = {
         "noise_scale": args.noise_scale,

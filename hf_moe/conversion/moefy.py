@@ -4,8 +4,8 @@ What moefy knows about a family is its declared `FamilyMapping` (`gpt2.py`, `t5.
 plus the `moe_part` markers of the MoE model: no module path is written here. Every non-FFN weight is copied exactly
 (checked name by name: a dense weight with no place in the MoE model is an error, never silently dropped). Each chosen
 layer's FFN becomes E experts by a dense-to-sparse init method (`init_methods.py`); routers start small and random
-from the seed (hash routers: the token -> expert table `hash_kind` names, `hash_tables.py`). The MoE model is allocated without random init and filled layer by layer, so peak memory is the dense
-model plus the MoE model.
+from the seed (hash routers: the token -> expert table `hash_kind` names, `hash_tables.py`). The MoE model is
+allocated without random init and filled layer by layer, so peak memory is the dense model plus the MoE model.
 
 Sources: a model object, a local folder, or a Hub id (`source.resolve_source`: from the local Hub cache without any
 network request when it is there, else downloaded if one quick request finds it on the Hub; a missing folder or an

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from tests.conftest import tiny_gpt2_moe_config
@@ -69,6 +70,30 @@ def test_saved_folder_carries_the_flat_modeling_files_and_auto_map(tmp_path):
         if name.endswith(".py"):
             source = (tmp_path / name).read_text()
             assert not re.search(r"^\s*(from|import)\s+hf_moe", source, re.MULTILINE), name
+
+
+# the routers from the literature travel in their own files (routing_<name>.py, imported by registry.py); hash is
+# loaded without hf_moe in tests/modeling/test_router_hash.py
+ROUTERS_FROM_THE_LITERATURE = {
+    "base": dict(router_type="base", num_experts_per_tok=1),
+    "dense_to_sparse": dict(router_type="dense_to_sparse", num_experts_per_tok=3, gate_threshold=0.05),
+    "expert_choice": dict(router_type="expert_choice", capacity_factor=2.0, allow_noncausal_routing=True),
+}
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS_FROM_THE_LITERATURE))
+def test_every_router_loads_without_hf_moe(router, tmp_path):
+    from hf_moe import GPT2MoeForCausalLM
+
+    model = GPT2MoeForCausalLM(tiny_gpt2_moe_config(**ROUTERS_FROM_THE_LITERATURE[router])).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    assert (folder / f"routing_{router}.py").exists()
+    input_ids = torch.randint(2, 99, (2, 7))
+    torch.save(input_ids, folder / "input_ids.pt")
+    loaded = load_without_hf_moe(folder, "AutoModelForCausalLM", tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded["result"], model(input_ids).logits)
 
 
 def test_remote_code_load_without_hf_moe_gives_identical_logits(tmp_path):
