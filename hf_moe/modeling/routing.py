@@ -33,14 +33,38 @@ from torch import nn
 from transformers import initialization as init
 
 __all__ = [
+    "TOKEN_CHOICE_SETTINGS",
     "NoisyTopKRouter",
     "Router",
     "RouterDecision",
     "RouterNoise",
     "RoutingInputs",
     "TopKRouter",
+    "refuse_settings",
     "sequence_ids",
 ]
+
+
+# The token-choice settings (`TopKRouter`'s noise, temperature and combine-weight options) with the values that leave
+# them off; routers that ignore them refuse other values (`refuse_settings`): a setting that does nothing is a bug
+TOKEN_CHOICE_SETTINGS = {
+    "router_jitter_noise": (0,),
+    "router_logit_noise_std": (0,),
+    "router_temperature": (1,),
+    "unit_combine_weights": (False,),
+    "normalize_top_k_weights": (None, False),
+}
+
+
+def refuse_settings(config, router_type: str, why: str, off_values: dict[str, tuple] = TOKEN_CHOICE_SETTINGS) -> None:
+    """For a router's `validate_config`: raise `ValueError` naming the first field in `off_values` that `config` sets
+    to something else, since `router_type` ignores it (`why` says why)."""
+    for name, allowed in off_values.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ValueError(
+                f"router_type={router_type!r} does not use {name} ({why}), got {value!r}; leave it at its default"
+            )
 
 
 def sequence_ids(num_tokens: int, num_sequences: int, device: torch.device) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import Router, RouterDecision, RoutingInputs
+from .routing import Router, RouterDecision, RoutingInputs, refuse_settings
 
 __all__ = ["AuctionResult", "BaseLayerRouter", "auction_balanced_assignment", "balanced_assignment"]
 
@@ -326,20 +326,7 @@ class BaseLayerRouter(Router):
                 "router_type='base' assigns one expert per token (a balanced linear assignment): num_experts_per_tok "
                 f"must be 1, got {config.num_experts_per_tok}"
             )
-        # token-choice knobs this router would silently ignore are refused
-        refused = {
-            "router_jitter_noise": config.router_jitter_noise != 0,
-            "router_logit_noise_std": config.router_logit_noise_std != 0,
-            "router_temperature": config.router_temperature != 1.0,
-            "unit_combine_weights": config.unit_combine_weights,
-            "normalize_top_k_weights": config.normalize_top_k_weights is True,
-        }
-        for name, is_set in refused.items():
-            if is_set:
-                raise ValueError(
-                    f"router_type='base' does not use {name} (its combine weight is sigmoid(score)), got "
-                    f"{getattr(config, name)!r}; leave it at its default"
-                )
+        refuse_settings(config, "base", "its combine weight is sigmoid(score)")
 
     @classmethod
     def experts_per_token(cls, config) -> float:

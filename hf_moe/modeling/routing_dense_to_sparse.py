@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .routing import Router, RouterDecision, RoutingInputs
+from .routing import TOKEN_CHOICE_SETTINGS, Router, RouterDecision, RoutingInputs, refuse_settings
 
 __all__ = ["DenseToSparseRouter"]
 
@@ -63,8 +63,6 @@ class DenseToSparseRouter(Router):
 
     @classmethod
     def validate_config(cls, config) -> None:
-        if config.normalize_top_k_weights or config.unit_combine_weights:
-            raise ValueError(
-                "router_type='dense_to_sparse' combines the active experts with their gate weights as they are; "
-                "normalize_top_k_weights and unit_combine_weights must be left None / False"
-            )
+        # its noise is Gumbel's and its combine weights are the gate's: the other token-choice settings do nothing
+        unused = {name: off for name, off in TOKEN_CHOICE_SETTINGS.items() if name != "router_temperature"}
+        refuse_settings(config, "dense_to_sparse", "it adds Gumbel noise and combines with the gate weights", unused)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import expert_capacity
-from .routing import Router, RouterDecision, RoutingInputs
+from .routing import Router, RouterDecision, RoutingInputs, refuse_settings
 
 __all__ = ["ExpertChoiceRouter"]
 
@@ -126,19 +126,7 @@ class ExpertChoiceRouter(Router):
                 "during training and makes generation differ from training. For T5 put MoE layers only in the "
                 "encoder (decoder_moe_layers=[]); or accept the leak with allow_noncausal_routing=True."
             )
-        refused = {
-            "router_jitter_noise": config.router_jitter_noise != 0,
-            "router_logit_noise_std": config.router_logit_noise_std != 0,
-            "router_temperature": config.router_temperature != 1.0,
-            "unit_combine_weights": config.unit_combine_weights,
-            "normalize_top_k_weights": config.normalize_top_k_weights is True,
-        }
-        for name, is_set in refused.items():
-            if is_set:
-                raise ValueError(
-                    f"router_type='expert_choice' does not use {name} (a token-choice setting), got "
-                    f"{getattr(config, name)!r}; leave it at its default"
-                )
+        refuse_settings(config, "expert_choice", "a token-choice setting: each expert chooses its tokens by affinity")
 
     @classmethod
     def settings(cls, config) -> dict[str, str]:

@@ -37,7 +37,7 @@ import torch
 from transformers import initialization as init
 from transformers.utils import logging
 
-from .routing import Router, RouterDecision, RoutingInputs
+from .routing import TOKEN_CHOICE_SETTINGS, Router, RouterDecision, RoutingInputs, refuse_settings
 
 __all__ = ["HashRouter", "check_hash_table_arguments", "random_hash_table"]
 
@@ -150,18 +150,13 @@ class HashRouter(Router):
                 f"router_type='hash' sends each token to num_hash_heads={num_heads} experts, one per head: set "
                 f"num_experts_per_tok={num_heads} (got {config.num_experts_per_tok})"
             )
-        # settings of learned routers that would silently do nothing here
-        if config.normalize_top_k_weights:
-            raise ValueError(
-                "router_type='hash' combines a token's experts with weight 1 each (MultiHash sums its heads' experts): "
-                "normalize_top_k_weights must be None or False"
-            )
-        for name in ("router_jitter_noise", "router_logit_noise_std", "router_aux_loss_coef"):
-            if getattr(config, name):
-                raise ValueError(
-                    f"router_type='hash' has no router to perturb or train, so {name} does nothing: set it to 0 "
-                    f"(got {getattr(config, name)})"
-                )
+        # settings of learned routers, which would silently do nothing here
+        refuse_settings(
+            config,
+            "hash",
+            "it has no router to perturb or train: a fixed table, weight 1 per expert",
+            {**TOKEN_CHOICE_SETTINGS, "router_aux_loss_coef": (None, 0)},
+        )
         if getattr(config, "vocab_size", None) is None:
             raise ValueError("router_type='hash' needs the config's vocab_size (its table has one entry per token id)")
 
