@@ -3,7 +3,14 @@
 `import hf_moe` registers the MoE families with transformers' Auto classes.
 """
 
-from .conversion import ConversionReport, from_switch_transformers, moefy, save_converted, set_hash_tables
+from .conversion import (
+    ConversionReport,
+    from_switch_transformers,
+    merge_experts,
+    moefy,
+    save_converted,
+    set_hash_tables,
+)
 from .modeling import (
     GPT2MoeConfig,
     GPT2MoeForCausalLM,
@@ -53,6 +60,7 @@ __all__ = [
     "T5MoePreTrainedModel",
     "__version__",
     "from_switch_transformers",
+    "merge_experts",
     "moefy",
     "register_balance_loss",
     "register_router",

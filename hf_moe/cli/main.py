@@ -23,6 +23,10 @@ __all__ = ["SUBCOMMANDS", "ArgumentParser", "HelpFormatter", "UsageError", "buil
 # listing the commands must not import them
 SUBCOMMANDS = {
     "moefy": ("hf_moe.cli.moefy", "convert a dense GPT-2 / T5 checkpoint into an MoE model folder"),
+    "merge": (
+        "hf_moe.cli.merge",
+        "merge dense models of one architecture into one MoE model folder, one expert each (Branch-Train-MiX)",
+    ),
     "inspect": ("hf_moe.cli.inspect", "describe an MoE model folder and check that its weights are readable"),
     "demo": (
         "hf_moe.cli.demo",

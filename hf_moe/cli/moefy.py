@@ -22,9 +22,11 @@ ROUTER_HELP = (
     "2021), expert_choice (Zhou et al. 2022)"
 )
 AUX_LOSS_HELP = "balance loss by registry name; built in: switch (Fedus et al. 2021), cv_squared (Shazeer et al. 2017)"
-INIT_HELP = "dense-to-sparse init: copy, noise, drop_upcycle, split"
+INIT_HELP = "dense-to-sparse init: copy, noise, drop_upcycle, split, granular (needs --granularity)"
 # hf_moe.modeling.configuration_moe.HASH_KINDS (tests/cli check that they match)
 HASH_KINDS = ("random", "balanced", "clustered")
+# hf_moe.conversion.router_init.ROUTER_INITS (tests/conversion/test_router_init.py checks that they match)
+ROUTER_INITS = ("random", "kmeans", "hidden_prompts")
 # the layer spec language of hf_moe.conversion.layer_selection (not imported here: that package imports torch)
 LAYER_SPEC_SHORT = "'all', 'none', 'every_other', 'top:N', 'bottom:N' or indices like '0,2'"
 
@@ -83,6 +85,37 @@ def add_parser(subparsers, name: str) -> None:
         help="with --router-type hash: independent hashes per token (MultiHash; each picks one expert of its own "
         "group of --num-experts / H) (default: 1)",
     )
+    parser.add_argument(
+        "--router-init",
+        choices=ROUTER_INITS,
+        default="random",
+        help="how learned routers start: random (small random rows from --seed), kmeans (rows along the k-means "
+        "centroids of each layer's dense FFN inputs on --calibration-data) or hidden_prompts (rows along the mean "
+        "FFN input of each expert's prompts, --expert-prompts-file); texts are tokenized with SRC's tokenizer",
+    )
+    parser.add_argument(
+        "--calibration-data",
+        metavar="FILE",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="with --router-init kmeans: UTF-8 text files the dense model reads",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="with --router-init kmeans: tokens of --calibration-data read, the first N in order (default: 8192)",
+    )
+    parser.add_argument(
+        "--expert-prompts-file",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help="with --router-init hidden_prompts: a JSON list of one entry per expert, each a prompt or a list of "
+        'prompts, e.g. ["def f(x):", ["Bonjour", "Merci"]]',
+    )
     parser.add_argument("--init", default="copy", metavar="METHOD", help=INIT_HELP)
     # None: not given; the library's default applies, and giving one with another --init is an error, not a no-op
     parser.add_argument(
@@ -104,6 +137,24 @@ def add_parser(subparsers, name: str) -> None:
         choices=("random", "clustered"),
         default=None,
         help="with --init split: how the dense neurons are partitioned (default: random)",
+    )
+    parser.add_argument(
+        "--granularity",
+        metavar="G",
+        type=positive_int,
+        default=None,
+        help="with --init granular: cut each dense FFN into G shards of F/G neurons, each copied E/G times, with one "
+        "router row per virtual group of G experts (He et al. 2024): function-preserving; --num-experts and --top-k "
+        "must be multiples of G",
+    )
+    parser.add_argument(
+        "--scale-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scale the experts' output projections so the MoE output keeps the dense magnitude at init: E/K with "
+        "--no-normalize-top-k-weights (He et al. 2024), 1/K with --unit-combine-weights; an error where the weights "
+        "already sum to 1 (default: on for --init split, E/K for top-k < E, LLaMA-MoE; --init granular always "
+        "applies its exact factor)",
     )
     parser.add_argument(
         "--moe-layers",
@@ -187,9 +238,14 @@ def add_parser(subparsers, name: str) -> None:
         "--normalize-top-k-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="renormalize the k combine weights to sum to 1 (default: on for --top-k >= 2)",
+        help="renormalize the k combine weights to sum to 1 (default: on for --top-k >= 2 and for --init granular; "
+        "--init split combines with unit weights)",
     )
-    parser.add_argument("--unit-combine-weights", action="store_true", help="weight 1 per selected expert")
+    parser.add_argument(
+        "--unit-combine-weights",
+        action="store_true",
+        help="weight 1 per selected expert (the default of --init split)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder")
     parser.add_argument(
         "--license", metavar="ID", default=None, help="license for the model card (default: the source's)"
@@ -259,6 +315,8 @@ def _convert_and_save(args: argparse.Namespace):
         "noise_scale": args.noise_scale,
         "drop_ratio": args.drop_ratio,
         "split_partition": args.split_partition,
+        "granularity": args.granularity,
+        "scale_weights": args.scale_weights,
     }
     model = moefy(
         source,
@@ -267,6 +325,10 @@ def _convert_and_save(args: argparse.Namespace):
         router_type=args.router_type,
         hash_kind=args.hash_kind,
         hash_corpus=args.hash_corpus,
+        router_init=args.router_init,
+        calibration_data=args.calibration_data,
+        expert_prompts=args.expert_prompts,
+        calibration_tokens=args.calibration_tokens,
         init=args.init,
         moe_layers=args.moe_layers,
         encoder_moe_layers=args.encoder_moe_layers,
@@ -299,6 +361,7 @@ def _convert_and_save(args: argparse.Namespace):
 def _check_arguments(args: argparse.Namespace) -> None:
     """Checks across arguments (each one's own range was checked by its argparse type); fills in --top-k."""
     _check_hash_arguments(args)
+    _check_router_init_arguments(args)
     if args.top_k is None:
         args.top_k = (args.num_hash_heads or 1) if args.router_type == "hash" else 2
     if args.top_k > args.num_experts:
@@ -309,9 +372,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
         ("--noise-scale", args.noise_scale, "noise"),
         ("--drop-ratio", args.drop_ratio, "drop_upcycle"),
         ("--split-partition", args.split_partition, "split"),
+        ("--granularity", args.granularity, "granular"),
     ):
         if value is not None and args.init != init:
             raise ValueError(f"{option} applies only with --init {init}, got --init {args.init}")
+    if args.init == "granular" and args.granularity is None:
+        raise ValueError(
+            "--init granular needs --granularity G (shards per dense FFN; divides --num-experts, --top-k)"
+        )
     # the other cross-field rules (--expert-capacity vs the factors, unit vs normalized weights) are the config's
     if args.private and not args.push_to_hub:
         raise ValueError("--private applies only with --push-to-hub REPO_ID")
@@ -363,6 +431,64 @@ def _check_hash_arguments(args: argparse.Namespace) -> None:
     missing = [str(path) for path in args.hash_corpus or () if not path.expanduser().is_file()]
     if missing:
         raise FileNotFoundError(f"--hash-corpus: no such file: {', '.join(missing)}")
+
+
+def _check_router_init_arguments(args: argparse.Namespace) -> None:
+    """--router-init's options, and the prompts file read into `args.expert_prompts` (None without one)."""
+    args.expert_prompts = None
+    for option, value, router_init in (
+        ("--calibration-data", args.calibration_data, "kmeans"),
+        ("--calibration-tokens", args.calibration_tokens, "kmeans"),
+        ("--expert-prompts-file", args.expert_prompts_file, "hidden_prompts"),
+    ):
+        if value is not None and args.router_init != router_init:
+            raise ValueError(
+                f"{option} applies only with --router-init {router_init}, got --router-init {args.router_init}"
+            )
+    if args.router_init == "random":
+        return
+    if args.router_type == "hash":
+        raise ValueError(
+            f"--router-init {args.router_init} sets router rows; --router-type hash has none (it routes by token id)"
+        )
+    if args.router_init == "kmeans":
+        if args.calibration_data is None:
+            raise ValueError(
+                "--router-init kmeans clusters hidden states of calibration text: give --calibration-data FILE [FILE ...]"
+            )
+        missing = [str(path) for path in args.calibration_data if not path.expanduser().is_file()]
+        if missing:
+            raise FileNotFoundError(f"--calibration-data: no such file: {', '.join(missing)}")
+        return
+    path = args.expert_prompts_file
+    if path is None:
+        raise ValueError(
+            "--router-init hidden_prompts needs the experts' prompts: give --expert-prompts-file FILE (a JSON list of "
+            f"{args.num_experts} entries, each a prompt or a list of prompts)"
+        )
+    if not path.expanduser().is_file():
+        raise FileNotFoundError(f"--expert-prompts-file: no such file: {path}")
+    import json
+
+    try:
+        prompts = json.loads(path.expanduser().read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--expert-prompts-file {path} is not JSON ({error})") from None
+    entries_ok = isinstance(prompts, list) and all(
+        isinstance(entry, str) or (isinstance(entry, list) and entry and all(isinstance(p, str) for p in entry))
+        for entry in prompts
+    )
+    if not entries_ok:
+        raise ValueError(
+            f"--expert-prompts-file {path} must hold a JSON list whose entries are prompts (strings) or non-empty "
+            "lists of prompts"
+        )
+    if len(prompts) != args.num_experts:
+        raise ValueError(
+            f"--expert-prompts-file {path} has {len(prompts)} entries; it needs one per expert, --num-experts "
+            f"{args.num_experts}"
+        )
+    args.expert_prompts = prompts
 
 
 def _check_out(out: Path, *, overwrite: bool) -> Path:

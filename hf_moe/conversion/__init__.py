@@ -1,5 +1,6 @@
 """Conversions into hf_moe models. moefy: dense GPT-2 / T5 checkpoints -> Mixture-of-Experts models (sparse upcycling
-and friends); imports of other MoE implementations (Switch Transformers); the token -> expert tables of hash layers."""
+and friends); merge_experts: several dense models -> one MoE, one expert per model (Branch-Train-MiX); imports
+of other MoE implementations (Switch Transformers); the token -> expert tables of hash layers."""
 
 from .hash_tables import (
     balanced_hash_table,
@@ -10,21 +11,27 @@ from .hash_tables import (
 )
 from .init_methods import INIT_METHODS, DenseFFN, init_experts
 from .layer_selection import select_layers
+from .merge import MergeReport, merge_experts
 from .moefy import SUPPORTED_MODEL_TYPES, moefy
 from .report import REPORT_FILENAME, ConversionReport
+from .router_init import ROUTER_INITS, kmeans_centroids
 from .save import save_converted
 from .switch_transformers import from_switch_transformers
 
 __all__ = [
     "INIT_METHODS",
     "REPORT_FILENAME",
+    "ROUTER_INITS",
     "SUPPORTED_MODEL_TYPES",
     "ConversionReport",
     "DenseFFN",
+    "MergeReport",
     "balanced_hash_table",
     "clustered_hash_table",
     "from_switch_transformers",
     "init_experts",
+    "kmeans_centroids",
+    "merge_experts",
     "moefy",
     "random_hash_table",
     "save_converted",

@@ -18,6 +18,7 @@ import copy
 import difflib
 import importlib.metadata
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +29,27 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from ..modeling._compat import from_config_without_init
 from ..modeling.configuration_moe import HASH_KINDS
 from ..modeling.moe_parts import moe_blocks, moe_experts, moe_parts, moe_routers
+from ..modeling.registry import ROUTERS
+from ..modeling.routing import TopKRouter
 from . import gpt2, t5
 from .family import FamilyMapping, LayerPlan
 from .hash_tables import balanced_hash_table, clustered_hash_table, set_hash_tables, token_frequencies
-from .init_methods import INIT_METHODS, init_experts
+from .init_methods import (
+    INIT_METHODS,
+    check_granularity,
+    choose_output_scale,
+    init_experts,
+    scale_expert_outputs,
+    virtual_group_router_weight,
+)
 from .report import ConversionReport
+from .router_init import (
+    check_router_init_arguments,
+    check_router_takes_rows,
+    data_router_rows,
+    prepare_calibration,
+    set_router_rows,
+)
 from .source import looks_like_repo_id, resolve_source
 
 __all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "moefy"]
@@ -63,10 +80,16 @@ def moefy(
     router_type: str = "topk",
     hash_kind: str | None = None,
     hash_corpus=None,
+    router_init: str = "random",
+    calibration_data=None,
+    expert_prompts=None,
+    calibration_tokens: int | None = None,
     init: str = "copy",
     noise_scale: float = 0.01,
     drop_ratio: float = 0.5,
     split_partition: str = "random",
+    granularity: int | None = None,
+    scale_weights: bool | None = None,
     moe_layers: str | list[int] | None = None,
     encoder_moe_layers: str | list[int] | None = None,
     decoder_moe_layers: str | list[int] | None = None,
@@ -84,10 +107,30 @@ def moefy(
             `hash_corpus`, counted with the source folder's tokenizer) or "clustered" (k-means of the dense model's
             input embeddings). See `hf_moe.conversion.hash_tables`. With `num_hash_heads=H` (MultiHash), top_k=H.
         hash_corpus: hash_kind="balanced" only: text files (paths) or a `datasets.Dataset` with a "text" column.
-        init: dense-to-sparse initialization, one of "copy", "noise", "drop_upcycle", "split".
+        router_init: how learned routers start (`hf_moe.conversion.router_init`): "random" (small random rows from
+            `seed`), "kmeans" (rows along the spherical k-means centroids of each layer's dense FFN inputs on
+            `calibration_data`) or "hidden_prompts" (rows along the mean FFN input of each expert's prompts). The
+            data is tokenized with the source folder's tokenizer.
+        calibration_data: router_init="kmeans" only: texts (str), text files (`pathlib.Path`) or a
+            `datasets.Dataset` with a "text" column.
+        expert_prompts: router_init="hidden_prompts" only: num_experts entries, each a prompt or a list of prompts.
+        calibration_tokens: router_init="kmeans" only: how many (non-padding) tokens of calibration_data the dense
+            model reads, the first ones in order (default 8192).
+        init: dense-to-sparse initialization, one of "copy", "noise", "drop_upcycle", "split", "granular"
+            (`hf_moe.conversion.init_methods`). "split" defaults to unit combine weights (with top_k == num_experts
+            that is the dense FFN exactly; overriding the weights then warns). "granular" defaults to normalized
+            weights and is function-preserving.
         noise_scale: "noise" only: noise std as a fraction of each weight's std.
         drop_ratio: "drop_upcycle" only: fraction of each expert's intermediate neurons re-initialized.
         split_partition: "split" only: "random" or "clustered" partition of the intermediate neurons.
+        granularity: "granular" only: G, the shards each dense FFN is cut into (experts of F / G neurons, each shard
+            copied num_experts / G times); num_experts and top_k must be multiples of G.
+        scale_weights: multiply every expert's output projection and output bias by c = 1 / (K * w * u) so the MoE
+            output keeps the dense output's magnitude (w: a selected expert's combine weight at a uniform router, u:
+            its share of the dense FFN; `init_methods.expert_output_scale`). True for copies with raw softmax
+            weights (normalize_top_k_weights=False: c = E/K, He et al. 2024) or unit weights (c = 1/K); a
+            `ValueError` where the weights already sum to 1. None: the method's default ("split": c = E/K, LLaMA-MoE;
+            "granular": its exact factor; copies: none); False turns split's factor off.
         moe_layers: layers to convert ('all', 'every_other', 'top:N', 'bottom:N', '0,2' or a list); for T5 the
             default of both stacks.
         encoder_moe_layers, decoder_moe_layers: the same for one of T5's two stacks.
@@ -101,6 +144,13 @@ def moefy(
     if init not in INIT_METHODS:
         raise ValueError(f"init must be one of {tuple(INIT_METHODS)}, got {init!r}")
     hash_kind, hash_corpus = _check_hash_arguments(router_type, hash_kind, hash_corpus, top_k, config_overrides)
+    router_data = check_router_init_arguments(
+        router_init,
+        calibration_data=calibration_data,
+        expert_prompts=expert_prompts,
+        calibration_tokens=calibration_tokens,
+        num_experts=num_experts,
+    )
     # everything that can be checked on the config is checked before the (possibly long) weight load
     dense_config, source_class, load_dense, source_name, location = _resolve_source(model_or_path)
     family = _family_for(dense_config.model_type)
@@ -121,23 +171,51 @@ def moefy(
         "noise": {"noise_scale": noise_scale},
         "drop_upcycle": {"drop_ratio": drop_ratio},
         "split": {"partition": split_partition},
+        "granular": {"granularity": granularity},
     }.get(init, {})
+    _check_recipe_arguments(init, granularity, num_experts, top_k, router_init, config_overrides)
 
     moe_fields = {"num_local_experts": num_experts, "num_experts_per_tok": top_k, "router_type": router_type}
     if hash_kind is not None:
         moe_fields["hash_seed"] = seed  # `seed` seeds every random choice, the random table too
     moe_fields.update(config_overrides)
+    moe_fields.update(_recipe_combine_defaults(init, router_type, num_experts, top_k, config_overrides))
     # built once before the weights load only to validate it: a bad value is reported at once, not minutes later
-    family.build_config(dense_config, {**selected_layers, **moe_fields})
+    validated = family.build_config(dense_config, {**selected_layers, **moe_fields})
+    output_scale = choose_output_scale(
+        init,
+        scale_weights,
+        combine=_combine_rule(validated),
+        num_experts=num_experts,
+        top_k=top_k,
+        granularity=granularity or 1,
+    )
     if hash_kind == "balanced":
         # counted before the weights load: a missing tokenizer or an unreadable corpus is reported at once
         tokenizer = _source_tokenizer(location, source_name)
         counts_V = token_frequencies(tokenizer, hash_corpus, vocab_size=dense_config.vocab_size, progress=progress)
+    if router_data is not None:
+        # tokenized before the weights load: a router without rows, a missing tokenizer or too little text fail at once
+        check_router_takes_rows(family.build_config(dense_config, {**selected_layers, **moe_fields}), router_init)
+        why = f"router_init={router_init!r} feeds its text to the dense model"
+        calibration = prepare_calibration(
+            router_init,
+            router_data,
+            _source_tokenizer(location, source_name, why=why),
+            dense_config,
+            num_experts=num_experts,
+            calibration_tokens=calibration_tokens,
+        )
 
     dense = load_dense()
     if init == "split":
         # each expert keeps F / E of the dense neurons
         moe_fields.setdefault("moe_intermediate_size", family.dense_intermediate_size(dense) // num_experts)
+    elif init == "granular":
+        # each expert is one of G shards of F / G neurons
+        dense_size = family.dense_intermediate_size(dense)
+        check_granularity(num_experts, top_k, granularity, dense_size)
+        moe_fields["moe_intermediate_size"] = dense_size // granularity
     config = family.build_config(dense.config, {**selected_layers, **moe_fields})
 
     moe = from_config_without_init(target_class, config, dtype=dense.dtype)  # every weight is written below
@@ -158,9 +236,18 @@ def moefy(
         for plan in _progress(plans, progress):
             ffn = plan.kind.dense_ffn(dense_state, plan.dense_names)  # float32 on the CPU: seeded, device-independent
             experts_tensors = init_experts(ffn, num_experts, init, generator, **init_options)
+            scale_expert_outputs(experts_tensors, ffn, output_scale)
             _write_experts(family, plan, plan.kind.expert_parameters(experts_tensors))
             # small and random, never all zero: with identical experts, equal logits would tie every routing decision
-            _one_part(plan, "router").init_weights(config.router_init_std, generator=generator)
+            router = _one_part(plan, "router")
+            router.init_weights(config.router_init_std, generator=generator)
+            if init == "granular":
+                weight_ED = router.weight
+                weight_ED.copy_(
+                    virtual_group_router_weight(
+                        num_experts, granularity, weight_ED.shape[1], config.router_init_std, generator
+                    )
+                )
         if hash_kind == "balanced":
             set_hash_tables(
                 moe, balanced_hash_table(counts_V, num_experts, config.num_hash_heads, config.hash_seed), "balanced"
@@ -172,6 +259,20 @@ def moefy(
                 clustered_hash_table(embeddings_VD, num_experts, config.num_hash_heads, config.hash_seed),
                 "clustered",
             )
+    if router_data is not None:
+        # after the random init above, which also zeroes a router's other parameters and keeps the seeded draws of
+        # the experts the same whatever router_init is
+        rows = data_router_rows(
+            dense,
+            family,
+            selected_layers,
+            calibration,
+            num_experts=num_experts,
+            router_init_std=config.router_init_std,
+            seed=seed,
+            progress=progress,
+        )
+        set_router_rows(moe, rows)
     if getattr(dense, "generation_config", None) is not None:
         moe.generation_config = copy.deepcopy(dense.generation_config)
     moe.to(dense.device)
@@ -183,11 +284,13 @@ def moefy(
         source_class=type(dense).__name__,
         target_class=type(moe).__name__,
         init_method=init,
-        init_options=init_options,
+        # the scale is part of how the experts were made: recorded (and shown on the model card) where it is not 1
+        init_options={**init_options, **({"expert_output_scale": output_scale} if output_scale != 1.0 else {})},
         seed=seed,
         num_experts=num_experts,
         top_k=top_k,
         router_type=router_type,
+        router_init=router_init,
         moe_layers=family.report_layers(selected_layers),
         parameters=config.parameter_counts(),
         dense_parameters=dense.num_parameters(),
@@ -200,15 +303,17 @@ def moefy(
     return moe
 
 
-def _resolve_source(model_or_path) -> tuple[PretrainedConfig, str, Callable[[], PreTrainedModel], str, str | None]:
+def _resolve_source(
+    model_or_path, tool: str = "moefy"
+) -> tuple[PretrainedConfig, str, Callable[[], PreTrainedModel], str, str | None]:
     """(dense config, source class name, loader of the dense model, source name, the local folder it is in, if any),
-    without loading any weights."""
+    without loading any weights. `tool` names the caller in error messages (moefy, merge_experts)."""
     if isinstance(model_or_path, PreTrainedModel):
         name = getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__
         folder = name if Path(name).is_dir() else None  # a model loaded from a folder remembers it
         return model_or_path.config, type(model_or_path).__name__, lambda: model_or_path, name, folder
     if not isinstance(model_or_path, (str, Path)):
-        raise TypeError(f"moefy takes a transformers model, a folder or a Hub id; got {type(model_or_path).__name__}")
+        raise TypeError(f"{tool} takes a transformers model, a folder or a Hub id; got {type(model_or_path).__name__}")
     source = str(model_or_path)
     path = Path(source).expanduser()
     location = source  # the folder transformers loads from (for a Hub id: its snapshot in the local Hub cache)
@@ -217,24 +322,24 @@ def _resolve_source(model_or_path) -> tuple[PretrainedConfig, str, Callable[[], 
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ValueError(
-                f"{source} has no config.json; moefy converts saved transformers models of model types "
+                f"{source} has no config.json; {tool} converts saved transformers models of model types "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
     elif path.exists():
-        raise FileNotFoundError(f"moefy takes a model folder; {source} is a file, not a folder")
+        raise FileNotFoundError(f"{tool} takes a model folder; {source} is a file, not a folder")
     elif isinstance(model_or_path, Path) or not looks_like_repo_id(source):
         raise FileNotFoundError(f"{source} not found: not a folder (and not a Hub id)")
     else:
         # a snapshot folder of the local Hub cache (loaded as a folder: no network at all), or an id the Hub has
-        location = resolve_source(source, option="moefy source")
+        location = resolve_source(source, option=f"{tool} source")
         config_file = Path(location) / "config.json"
     is_local = Path(location).is_dir()
     if is_local:
         # the model type first, from the file itself: an unsupported or unknown type gets moefy's message, not
         # AutoConfig's (which needs the type registered)
-        _family_for(json.loads(config_file.read_text()).get("model_type"))
+        _family_for(json.loads(config_file.read_text()).get("model_type"), tool)
     config = AutoConfig.from_pretrained(location, local_files_only=is_local)
-    family = _family_for(config.model_type)
+    family = _family_for(config.model_type, tool)
     source_class = (getattr(config, "architectures", None) or [family.default_source_class])[0]
 
     def load() -> PreTrainedModel:
@@ -292,41 +397,42 @@ def _check_hash_arguments(router_type: str, hash_kind, hash_corpus, top_k: int, 
     return hash_kind, [Path(f).expanduser() for f in files]
 
 
-def _source_tokenizer(location: str | None, source_name: str):
-    """The tokenizer saved with the dense model (a balanced hash counts the tokens the model will see)."""
+def _source_tokenizer(location: str | None, source_name: str, why: str = "hash_kind='balanced' counts the corpus"):
+    """The tokenizer saved with the dense model (a balanced hash counts the tokens the model will see; data-driven
+    router inits feed text to it). `why` starts the error messages: who needs the tokenizer, for what."""
     from transformers import AutoTokenizer
 
     if location is None:
         raise ValueError(
-            f"hash_kind='balanced' counts the corpus with the source's tokenizer, but {source_name} is a model object "
-            "that was not loaded from a folder; pass the model's folder (with its tokenizer files) instead"
+            f"{why} with the source's tokenizer, but {source_name} is a model object that was not loaded from a "
+            "folder; pass the model's folder (with its tokenizer files) instead"
         )
     # transformers 5 makes an empty tokenizer of the config's type from a folder without tokenizer files; that would
     # count every text as unknown tokens, so the files are looked for first
     if not any((Path(location) / name).is_file() for name in _TOKENIZER_FILES):
         raise ValueError(
-            f"hash_kind='balanced' counts the corpus with the source's tokenizer, but {source_name} has no tokenizer "
-            f"files ({', '.join(_TOKENIZER_FILES)}); save one in the folder (tokenizer.save_pretrained)"
+            f"{why} with the source's tokenizer, but {source_name} has no tokenizer files "
+            f"({', '.join(_TOKENIZER_FILES)}); save one in the folder (tokenizer.save_pretrained)"
         )
     try:
         return AutoTokenizer.from_pretrained(location, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
-        why = " ".join(str(error).split())[:300] or type(error).__name__
+        cause = " ".join(str(error).split())[:300] or type(error).__name__
         raise ValueError(
-            f"hash_kind='balanced' counts the corpus with the source's tokenizer, but {source_name} has no tokenizer "
-            f"that loads ({why}); save one in the folder (tokenizer.save_pretrained)"
+            f"{why} with the source's tokenizer, but {source_name} has no tokenizer that loads ({cause}); save one "
+            "in the folder (tokenizer.save_pretrained)"
         ) from error
 
 
-def _family_for(model_type: str | None) -> FamilyMapping:
+def _family_for(model_type: str | None, tool: str = "moefy") -> FamilyMapping:
     if model_type not in FAMILIES:
         already_moe = isinstance(model_type, str) and model_type.endswith("_moe")
         hint = " (it is already an MoE model)" if already_moe else ""
-        raise ValueError(f"moefy supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r}{hint}")
+        raise ValueError(f"{tool} supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r}{hint}")
     return FAMILIES[model_type]
 
 
-def _check_overrides(family: FamilyMapping, target_class: type, overrides: dict) -> None:
+def _check_overrides(family: FamilyMapping, target_class: type, overrides: dict, tool: str = "moefy") -> None:
     """Only MoE config fields of the family, and none that moefy sets from its own arguments: a config stores any
     keyword it is given, so a typo would otherwise be kept and do nothing."""
     aliases = getattr(target_class.config_class, "attribute_map", {})
@@ -335,7 +441,7 @@ def _check_overrides(family: FamilyMapping, target_class: type, overrides: dict)
         argument = _SET_BY_ARGUMENT.get(field) or (field if field in family.layer_fields else None)
         if argument is not None:
             raise ValueError(
-                f"moefy sets {field} from its own {argument}= argument; pass {argument}={overrides[name]!r} "
+                f"{tool} sets {field} from its own {argument}= argument; pass {argument}={overrides[name]!r} "
                 f"instead of {name}="
             )
     allowed = [n for n in family.moe_config_fields if n not in _SET_BY_ARGUMENT and n not in family.layer_fields]
@@ -346,8 +452,8 @@ def _check_overrides(family: FamilyMapping, target_class: type, overrides: dict)
             hint = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
             described.append(f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         raise ValueError(
-            f"moefy got {', '.join(described)}: not an MoE config field of {family.name} models (dense fields come "
-            f"from the source model). Besides moefy's own arguments it takes: {', '.join(allowed)}"
+            f"{tool} got {', '.join(described)}: not an MoE config field of {family.name} models (dense fields come "
+            f"from the source model). Besides {tool}'s own arguments it takes: {', '.join(allowed)}"
         )
 
 
@@ -403,3 +509,59 @@ def _progress(plans: list[LayerPlan], enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(plans, desc="moefy", unit="layer")
+
+
+def _check_recipe_arguments(
+    init: str, granularity, num_experts: int, top_k: int, router_init: str, overrides: dict
+) -> None:
+    """granularity belongs to "granular", which needs it, the random router init and its own expert width."""
+    if init != "granular":
+        if granularity is not None:
+            raise ValueError(f"granularity applies only with init='granular', got init={init!r}")
+        return
+    if granularity is None:
+        raise ValueError(
+            "init='granular' needs granularity=G: the shards each dense FFN is cut into (a divisor of num_experts "
+            "and of top_k)"
+        )
+    check_granularity(num_experts, top_k, granularity)
+    if router_init != "random":
+        raise ValueError(
+            f"init='granular' gives the experts of each virtual group one shared router row (that is what makes it "
+            f"function-preserving); router_init={router_init!r} would set rows per expert: use router_init='random'"
+        )
+    if "moe_intermediate_size" in overrides:
+        raise ValueError(
+            "init='granular' sets moe_intermediate_size to the dense intermediate size / granularity; do not pass it"
+        )
+
+
+def _recipe_combine_defaults(init: str, router_type: str, num_experts: int, top_k: int, overrides: dict) -> dict:
+    """The combine-weight config fields an init method needs and the user did not set: "split" unit weights (with
+    top_k == num_experts the parts then sum to the dense FFN), "granular" normalized weights (exact with its scale)."""
+    entry = ROUTERS.get(router_type)
+    if entry is None or not issubclass(entry.router_class, TopKRouter) or init not in ("split", "granular"):
+        return {}  # an unknown router_type gets the config's own error; other routers refuse these fields
+    combine_fields = ("unit_combine_weights", "normalize_top_k_weights")
+    given = {name: overrides[name] for name in combine_fields if name in overrides}
+    if not given:
+        return {"unit_combine_weights": True} if init == "split" else {"normalize_top_k_weights": True}
+    if init == "split" and top_k == num_experts and not given.get("unit_combine_weights"):
+        chosen = ", ".join(f"{name}={value!r}" for name, value in given.items())
+        warnings.warn(
+            f"moefy: init='split' with top_k == num_experts is the dense FFN only with unit combine weights; with "
+            f"{chosen} the MoE model is no longer function-preserving",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {}
+
+
+def _combine_rule(config) -> str | None:
+    """How the config's router weighs its selected experts (`init_methods.COMBINE_RULES`); None for a router that is
+    not token-choice softmax top-k."""
+    if not issubclass(ROUTERS.entry(config.router_type).router_class, TopKRouter):
+        return None
+    if config.unit_combine_weights:
+        return "unit"
+    return "normalized" if config.normalizes_top_k_weights else "softmax"

@@ -27,6 +27,8 @@ class ConversionReport:
     parameters: dict[str, int]  # total, active (per token), experts
     dense_parameters: int
     versions: dict[str, str] = field(default_factory=dict)  # hf_moe, transformers, torch
+    # how the router rows started: "random" (from the seed), "kmeans" or "hidden_prompts" (from data, router_init.py)
+    router_init: str = "random"
 
     def to_dict(self) -> dict:
         return asdict(self)

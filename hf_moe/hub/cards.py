@@ -50,6 +50,12 @@ _INIT_METHOD_NAMES = {
     "drop_upcycle": "copies with a random subset of intermediate neurons re-initialized per expert "
     "(Drop-Upcycling, Nakamura et al. 2025)",
     "split": "the dense FFN's intermediate neurons partitioned among the experts (MoEfication, Zhang et al. 2022)",
+    "btx": "expert i is source model i's FFN; every other weight the sources' mean (Branch-Train-MiX)",
+    "granular": "each dense FFN cut into G shards, each copied E/G times, routed by virtual groups (He et al. 2024)",
+}
+_ROUTER_INIT_NAMES = {
+    "kmeans": "rows along the k-means centroids of each layer's FFN inputs on calibration text",
+    "hidden_prompts": "rows along the mean FFN input of each expert's prompts (mergekit-moe style)",
 }
 
 
@@ -57,7 +63,7 @@ def render_model_card(
     config: PreTrainedConfig,
     *,
     report: dict | None = None,
-    base_model: str | None = None,
+    base_model: str | list[str] | None = None,
     license: str | None = None,
     model_name: str | None = None,
     training_results: dict | None = None,
@@ -71,7 +77,8 @@ def render_model_card(
             it, the Hub pipeline tag and Auto class from `config.architectures` (a causal or seq2seq LM when unset).
         report: the conversion report as a dict (`ConversionReport.to_dict()`); None for a model not made by moefy.
             Missing keys leave their rows out.
-        base_model: Hub id of the dense model it was made from (metadata `base_model`); None for a local source.
+        base_model: Hub id of the dense model it was made from (metadata `base_model`); None for a local source. A
+            merge (a report with `sources`, `merge_experts`) may name several, with `base_model_relation: merge`.
         license: Hub license id, usually the base model's.
         model_name: the card's title; default: the last part of `repo_id`, else the family's name.
         training_results, eval_results: metric name -> value, shown as tables.
@@ -94,13 +101,15 @@ def render_model_card(
     # an unknown head gets no pipeline tag and loads with AutoModel
     pipeline_tag, auto_class = _HEADS.get(architecture, (None, "AutoModel"))
     counts = config.parameter_counts()
-    tags = ["hf_moe", "moe", "mixture-of-experts", family] + (["upcycling"] if report else [])
+    merged = bool(report and report.get("sources"))  # merge_experts' report: one expert per source model
+    made_by = ["branch-train-mix", "merge"] if merged else ["upcycling"] if report else []
     card_data = ModelCardData(
         base_model=base_model,
+        base_model_relation="merge" if merged and base_model else None,
         license=license,
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=tags,
+        tags=["hf_moe", "moe", "mixture-of-experts", family, *made_by],
     )
     model_ref = repo_id or "path/to/this/model"
     return ModelCard.from_template(
@@ -118,6 +127,12 @@ def render_model_card(
         routing_rows=_routing_rows(config),
         parameter_rows=_parameter_rows(counts, report),
         conversion_rows=_conversion_rows(report) if report else [],
+        merged=merged,
+        merge_rows=[
+            (f"Expert {i}", f"the feed-forward networks of `{source}`") for i, source in enumerate(report["sources"])
+        ]
+        if merged
+        else [],
         auto_class=auto_class,
         generates=auto_class in _GENERATING_AUTO_CLASSES,
         model_ref=model_ref,
@@ -265,7 +280,7 @@ def _parameter_rows(counts: dict[str, int], report: Mapping | None) -> list[tupl
 
 def _conversion_rows(report: Mapping) -> list[tuple[str, str]]:
     rows = []
-    if "source_model" in report:
+    if "source_model" in report and not report.get("sources"):  # a merge lists its sources expert by expert
         rows.append(("Source model", f"`{report['source_model']}`"))
     if "source_class" in report and "target_class" in report:
         rows.append(("Classes", f"`{report['source_class']}` -> `{report['target_class']}`"))
@@ -280,6 +295,8 @@ def _conversion_rows(report: Mapping) -> list[tuple[str, str]]:
             rows.append((label, str(report[key])))
     if "router_type" in report:
         rows.append(("Router", f"`{report['router_type']}`"))
+    if report.get("router_init", "random") != "random":
+        rows.append(("Router init", f"`{report['router_init']}`: {_ROUTER_INIT_NAMES.get(report['router_init'], '')}"))
     layers = report.get("moe_layers")
     if isinstance(layers, Mapping):  # encoder-decoder: one list per stack
         rows.extend((f"MoE layers ({stack})", _index_list(indices)) for stack, indices in layers.items())

@@ -190,3 +190,16 @@ def test_example_card_is_in_sync_with_the_template(tmp_path):
     fresh = module.main(tmp_path)
     committed = REPO_ROOT / "model_cards" / module.EXAMPLE_NAME
     assert fresh.read_text() == committed.read_text(), "stale example: run python model_cards/render_example.py"
+
+
+def test_router_init_and_merge_reports_say_how_the_moe_was_made(tmp_path):
+    _, text = saved_card(tmp_path, tiny_gpt2_moe_config(), report={"init_method": "copy", "router_init": "kmeans"})
+    assert "| Router init | `kmeans`: rows along the k-means centroids" in text
+    merged = {"init_method": "btx", "sources": ["me/math", "me/code"], "source_model": "me/math, me/code"}
+    (tmp_path / "merged").mkdir()
+    card, text = saved_card(
+        tmp_path / "merged", tiny_gpt2_moe_config(), report=merged, base_model=["me/math", "me/code"]
+    )
+    assert "| Expert 1 | the feed-forward networks of `me/code` |" in text and "Branch-Train-MiX" in text
+    assert "Source model" not in text and "upcycling" not in card.data.tags
+    assert card.data.base_model_relation == "merge" and {"merge", "branch-train-mix"} <= set(card.data.tags)
