@@ -1,10 +1,14 @@
-"""Smoke test of `benchmarks/moe_layer.py`: the quick mode runs end to end. Speed is never asserted."""
+"""Smoke tests of the benchmarks: `moe_layer.py` quick mode, `upcycling_quality.py` smoke size. Speed is never
+asserted."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_layer.py"
 
@@ -37,3 +41,24 @@ def test_moe_layer_benchmark_quick_mode_runs(tmp_path, capsys):
         assert all(diff < 1e-4 for diff in row["max_abs_diff_vs_ours"].values())
     assert "| small E8 k1 |" in capsys.readouterr().out
     assert json_path.exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])  # T5 on span corruption of the same text
+def test_upcycling_quality_benchmark_smoke_size_runs(family, tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "upcycling_quality.py"
+    spec = importlib.util.spec_from_file_location("upcycling_quality_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark
+    spec.loader.exec_module(benchmark)
+    json_path, plot_path = tmp_path / "quality.json", tmp_path / "quality.png"
+    result = benchmark.main(["--smoke", "--family", family, "--json", str(json_path), "--plot", str(plot_path)])
+
+    rows = {row["recipe"]: row for row in result["rows"]}
+    assert list(rows) == ["dense", *benchmark.RECIPES]
+    assert rows["dense"]["same_steps_vs_dense"] == (0.0, 0.0)
+    # function-preserving recipes start at the dense model's held-out loss (granular: exactly; copy: top-2 of copies)
+    for name in ("copy", "granular G=2"):
+        assert abs(rows[name]["start"][0] - rows["dense"]["start"][0]) < 1e-4, name
+    for row in rows.values():
+        assert all(math.isfinite(value) for value in (*row["same_steps"], *row["same_time"]))
+    assert json_path.exists() and plot_path.exists()

@@ -11,7 +11,23 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["non_negative_float", "positive_float", "positive_int"]
+__all__ = ["LAYER_SPEC_SHORT", "add_moe_layer_options", "non_negative_float", "positive_float", "positive_int"]
+
+# the layer specs `hf_moe.conversion.layer_selection` reads (its LAYER_SPEC_HELP says more; a test keeps them in step)
+LAYER_SPEC_SHORT = "'all', 'none', 'every_other', 'top:N', 'bottom:N' or indices like '0,2'"
+
+
+def add_moe_layer_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--moe-layers (GPT-2), --encoder-moe-layers and --decoder-moe-layers (T5): which layers `verb` makes MoE."""
+    parser.add_argument(
+        "--moe-layers", metavar="SPEC", default=None, help=f"GPT-2 layers to {verb}: {LAYER_SPEC_SHORT} (default: all)"
+    )
+    parser.add_argument(
+        "--encoder-moe-layers", metavar="SPEC", default=None, help="T5 encoder layers, same syntax (default: all)"
+    )
+    parser.add_argument(
+        "--decoder-moe-layers", metavar="SPEC", default=None, help="T5 decoder layers, same syntax (default: all)"
+    )
 
 
 def positive_int(text: str) -> int:

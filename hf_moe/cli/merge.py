@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import non_negative_float, positive_int
-from .moefy import LAYER_SPEC_SHORT, ROUTER_HELP, _check_name, _check_out, _source_license
+from . import add_moe_layer_options, non_negative_float, positive_int
+from .moefy import ROUTER_HELP, _check_name, _check_out, _source_license
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -37,18 +37,7 @@ def add_parser(subparsers, name: str) -> None:
         "--top-k", metavar="K", type=positive_int, default=2, help="experts per token, at most the number of sources"
     )
     parser.add_argument("--router-type", default="topk", metavar="NAME", help=ROUTER_HELP)
-    parser.add_argument(
-        "--moe-layers",
-        metavar="SPEC",
-        default=None,
-        help=f"GPT-2 layers to make MoE: {LAYER_SPEC_SHORT} (default: all)",
-    )
-    parser.add_argument(
-        "--encoder-moe-layers", metavar="SPEC", default=None, help="T5 encoder layers, same syntax (default: all)"
-    )
-    parser.add_argument(
-        "--decoder-moe-layers", metavar="SPEC", default=None, help="T5 decoder layers, same syntax (default: all)"
-    )
+    add_moe_layer_options(parser, "make MoE")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seeds the routers' init")
     parser.add_argument(
         "--normalize-top-k-weights",

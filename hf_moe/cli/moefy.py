@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import non_negative_float, positive_float, positive_int
+from . import add_moe_layer_options, non_negative_float, positive_float, positive_int
 
 # The registries (routers, balance losses, drop policies, capacity scopes, init methods) import torch, so they are not
 # argparse `choices`: the help names the built-in entries, and `run` checks the value against the registry itself,
@@ -28,7 +28,6 @@ HASH_KINDS = ("random", "balanced", "clustered")
 # hf_moe.conversion.router_init.ROUTER_INITS (tests/conversion/test_router_init.py checks that they match)
 ROUTER_INITS = ("random", "kmeans", "hidden_prompts")
 # the layer spec language of hf_moe.conversion.layer_selection (not imported here: that package imports torch)
-LAYER_SPEC_SHORT = "'all', 'none', 'every_other', 'top:N', 'bottom:N' or indices like '0,2'"
 
 
 def ratio(text: str) -> float:
@@ -156,18 +155,7 @@ def add_parser(subparsers, name: str) -> None:
         "already sum to 1 (default: on for --init split, E/K for top-k < E, LLaMA-MoE; --init granular always "
         "applies its exact factor)",
     )
-    parser.add_argument(
-        "--moe-layers",
-        metavar="SPEC",
-        default=None,
-        help=f"GPT-2 layers to convert: {LAYER_SPEC_SHORT} (default: all)",
-    )
-    parser.add_argument(
-        "--encoder-moe-layers", metavar="SPEC", default=None, help="T5 encoder layers, same syntax (default: all)"
-    )
-    parser.add_argument(
-        "--decoder-moe-layers", metavar="SPEC", default=None, help="T5 decoder layers, same syntax (default: all)"
-    )
+    add_moe_layer_options(parser, "convert")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seeds every random choice of the conversion")
     parser.add_argument(
         "--capacity-factor",

@@ -18,11 +18,7 @@ model card shows it). Not Hub-portable (datasets, tqdm): this module builds tabl
 from __future__ import annotations
 
 import heapq
-import os
-import sys
-import warnings
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +27,7 @@ from torch import nn
 from ..modeling.configuration_moe import HASH_KINDS
 from ..modeling.moe_parts import moe_routers
 from ..modeling.routing_hash import check_hash_table_arguments, random_hash_table
+from .text_source import check_text_source, count_texts, iter_texts
 
 __all__ = [
     "balanced_hash_table",
@@ -40,8 +37,6 @@ __all__ = [
     "token_frequencies",
 ]
 
-# a text file is tokenized in pieces of about this many characters, cut at line ends (bounded memory for any file)
-_FILE_PIECE_CHARS = 1 << 20
 # texts handed to the tokenizer per call (fast tokenizers parallelize over a batch)
 _BATCH_TEXTS = 256
 
@@ -68,7 +63,9 @@ def token_frequencies(
     vocab_size = len(tokenizer) if vocab_size is None else vocab_size
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
-    texts, total = _corpus_texts(texts_or_files_or_dataset, text_column)
+    source = check_text_source(texts_or_files_or_dataset, "texts_or_files_or_dataset", text_column)
+    texts = iter_texts(source, "hash corpus", text_column)
+    total = count_texts(source)
     from tqdm.auto import tqdm
 
     counts_V = np.zeros(vocab_size, dtype=np.int64)
@@ -85,71 +82,6 @@ def token_frequencies(
             counts_V += np.bincount(ids_N, minlength=vocab_size)
             bar.update(len(batch))
     return torch.from_numpy(counts_V)
-
-
-def _corpus_texts(source, text_column: str) -> tuple[Iterable[str], int | None]:
-    """(the texts, how many if known) of `token_frequencies`' corpus argument; bad input fails here, before counting."""
-    if isinstance(source, (str, bytes)):
-        raise TypeError(
-            "texts_or_files_or_dataset must be a list of texts, a list of Path files or a datasets.Dataset, not a "
-            "single string (wrap one text in a list, or pass [Path(file)] for a file)"
-        )
-    if isinstance(source, os.PathLike):
-        source = [source]
-    datasets = sys.modules.get("datasets")  # an object can only be a Dataset if datasets is imported
-    if datasets is not None and isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        raise TypeError(f"got a DatasetDict with splits {list(source)}; pass one split, e.g. dataset['train']")
-    if datasets is not None and isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        if text_column not in (source.column_names or []):
-            raise ValueError(f"text_column={text_column!r} is not a column of the dataset: {source.column_names}")
-        total = len(source) if isinstance(source, datasets.Dataset) else None
-        batches = source.select_columns([text_column]).iter(batch_size=_BATCH_TEXTS)
-        return (text for batch in batches for text in batch[text_column]), total
-    if not isinstance(source, Iterable):
-        raise TypeError(
-            f"texts_or_files_or_dataset must be an iterable of texts or Path files, or a datasets.Dataset; got "
-            f"{type(source).__name__}"
-        )
-    if isinstance(source, (list, tuple)):
-        # a missing file is named now, not after counting the files before it
-        missing = [str(item) for item in source if isinstance(item, os.PathLike) and not Path(item).is_file()]
-        if missing:
-            raise FileNotFoundError(f"hash corpus files not found: {', '.join(missing)}")
-        total = len(source) if all(isinstance(item, str) for item in source) else None
-        return _items_as_texts(source), total
-    return _items_as_texts(source), None
-
-
-def _items_as_texts(items: Iterable) -> Iterator[str]:
-    warned = False
-    for item in items:
-        if isinstance(item, os.PathLike):
-            yield from _file_pieces(Path(item))
-        elif isinstance(item, str):
-            if not warned and "\n" not in item and len(item) < 4096 and os.path.isfile(item):
-                warnings.warn(
-                    f"token_frequencies counts {item!r} as text, not as the file of that name; pass "
-                    f"pathlib.Path({item!r}) to read the file",
-                    UserWarning,
-                    stacklevel=4,
-                )
-                warned = True
-            yield item
-        else:
-            raise TypeError(f"a corpus item must be a text (str) or a file (pathlib.Path), got {type(item).__name__}")
-
-
-def _file_pieces(path: Path) -> Iterator[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"hash corpus file not found: {path}")
-    with path.open(encoding="utf-8", errors="replace") as file:
-        while True:
-            piece = file.read(_FILE_PIECE_CHARS)
-            if not piece:
-                return
-            # finish the line, so no word is cut in two (a cut would count two tokens that are not in the text)
-            piece += file.readline()
-            yield piece
 
 
 def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:

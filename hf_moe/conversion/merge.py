@@ -37,13 +37,12 @@ import torch
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..modeling._compat import from_config_without_init
-from ..modeling.moe_parts import moe_blocks
 from .family import dense_config_fields
 from .moefy import (
     _check_hash_arguments,
     _check_overrides,
     _copy_shared_weights,
+    _empty_moe,
     _family_for,
     _one_part,
     _resolve_source,
@@ -210,15 +209,8 @@ def merge_experts(
         if moe is None:
             reference = (source, _signature(state), dense.dtype)
             config = family.build_config(dense.config, {**selected_layers, **moe_fields})
-            moe = from_config_without_init(target_class, config, dtype=dense.dtype)  # every weight is written below
-            moe.tie_weights()  # post_init's tying is skipped with the init under no_init_weights
             # names are checked equal across sources below, so sources[0]'s plans hold for all of them
-            plans = family.layer_plans(dense, moe, selected_layers)
-            unplanned = [name for name, block in moe_blocks(moe) if all(block is not plan.block for plan in plans)]
-            if unplanned:
-                raise RuntimeError(
-                    f"{_TOOL}: the {family.name} mapping finds no dense FFN for the MoE blocks {unplanned}"
-                )
+            moe, plans = _empty_moe(family, target_class, config, dense, selected_layers, tool=_TOOL)
             consumed = {name for plan in plans for name in plan.dense_names.values()}
             ffns = [[] for _ in plans]
             kept = {

@@ -218,16 +218,7 @@ def moefy(
         moe_fields["moe_intermediate_size"] = dense_size // granularity
     config = family.build_config(dense.config, {**selected_layers, **moe_fields})
 
-    moe = from_config_without_init(target_class, config, dtype=dense.dtype)  # every weight is written below
-    moe.tie_weights()  # post_init's tying is skipped with the init under no_init_weights
-    plans = family.layer_plans(dense, moe, selected_layers)
-    unplanned = [name for name, block in moe_blocks(moe) if all(block is not plan.block for plan in plans)]
-    if unplanned:
-        # their experts would keep the uninitialized memory of `torch.empty`
-        raise RuntimeError(
-            f"moefy: the {family.name} mapping finds no dense FFN for the MoE blocks {unplanned} "
-            f"(is its block template {family.block!r} right?)"
-        )
+    moe, plans = _empty_moe(family, target_class, config, dense, selected_layers)
     dense_state = dense.state_dict()
     _copy_shared_weights(dense_state, moe, plans)
 
@@ -301,6 +292,28 @@ def moefy(
         },
     )
     return moe
+
+
+def _empty_moe(
+    family: FamilyMapping,
+    target_class: type,
+    config,
+    dense: PreTrainedModel,
+    selected_layers: dict,
+    tool: str = "moefy",
+) -> tuple[PreTrainedModel, list[LayerPlan]]:
+    """The MoE model allocated without random init (every weight is written by the caller) and its layer plans."""
+    moe = from_config_without_init(target_class, config, dtype=dense.dtype)
+    moe.tie_weights()  # post_init's tying is skipped with the init under no_init_weights
+    plans = family.layer_plans(dense, moe, selected_layers)
+    unplanned = [name for name, block in moe_blocks(moe) if all(block is not plan.block for plan in plans)]
+    if unplanned:
+        # their experts would keep the uninitialized memory of `torch.empty`
+        raise RuntimeError(
+            f"{tool}: the {family.name} mapping finds no dense FFN for the MoE blocks {unplanned} "
+            f"(is its block template {family.block!r} right?)"
+        )
+    return moe, plans
 
 
 def _resolve_source(

@@ -34,12 +34,8 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-import os
-import sys
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +44,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..modeling.moe_parts import moe_parts
 from ..modeling.registry import ROUTERS, build_router
 from .family import FamilyMapping
+from .text_source import check_text_source, iter_texts
 
 __all__ = [
     "DEFAULT_CALIBRATION_TOKENS",
@@ -71,9 +68,8 @@ DEFAULT_CALIBRATION_TOKENS = 8192
 # tokens per calibration sequence: long enough for typical context, short enough for any model's positions
 _SEQUENCE_LENGTH = 256
 _BATCH_SEQUENCES = 8
-# texts per tokenizer call, and characters per piece of a text file (bounded memory; cut at line ends)
+# texts per tokenizer call (files arrive in pieces, `text_source.FILE_PIECE_CHARS`)
 _BATCH_TEXTS = 64
-_FILE_PIECE_CHARS = 1 << 16
 # Lloyd steps at most; k-means on N <= ~10^4 points usually converges in well under this
 _KMEANS_ITERATIONS = 100
 
@@ -138,47 +134,8 @@ def check_router_init_arguments(
             isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 1
         ):
             raise ValueError(f"calibration_tokens must be an int >= 1, got {calibration_tokens!r}")
-        return _calibration_source(calibration_data)
+        return check_text_source(calibration_data, "calibration_data")
     return _expert_prompt_lists(expert_prompts, num_experts)
-
-
-def _calibration_source(source):
-    """A Dataset (with a 'text' column), or a list of texts (str) and files (PathLike); bad input fails here."""
-    if isinstance(source, (str, bytes)):
-        raise TypeError(
-            "calibration_data must be a list of texts, a list of pathlib.Path files or a datasets.Dataset, not a "
-            "single string (wrap one text in a list, or pass [Path(file)] for a file)"
-        )
-    if isinstance(source, os.PathLike):
-        source = [source]
-    datasets = sys.modules.get("datasets")  # an object can only be a Dataset if datasets is imported
-    if datasets is not None and isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        raise TypeError(f"calibration_data is a DatasetDict with splits {list(source)}; pass one split")
-    if datasets is not None and isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        if "text" not in (source.column_names or []):
-            raise ValueError(f"calibration_data needs a 'text' column; the dataset has {source.column_names}")
-        return source
-    if not isinstance(source, (list, tuple)) or not source:
-        raise TypeError(
-            "calibration_data must be a non-empty list of texts (str) or text files (pathlib.Path), or a "
-            f"datasets.Dataset with a 'text' column; got {source!r:.100}"
-        )
-    wrong = [type(item).__name__ for item in source if not isinstance(item, (str, os.PathLike))]
-    if wrong:
-        raise TypeError(f"calibration_data items must be texts (str) or files (pathlib.Path), got a {wrong[0]}")
-    missing = [str(item) for item in source if isinstance(item, os.PathLike) and not Path(item).expanduser().is_file()]
-    if missing:
-        raise FileNotFoundError(f"calibration_data files not found: {', '.join(missing)}")
-    for item in source:
-        if isinstance(item, str) and "\n" not in item and len(item) < 4096 and os.path.isfile(item):
-            warnings.warn(
-                f"calibration_data reads {item!r} as text, not as the file of that name; pass pathlib.Path({item!r}) "
-                "to read the file",
-                UserWarning,
-                stacklevel=4,
-            )
-            break
-    return list(source)
 
 
 def _expert_prompt_lists(expert_prompts, num_experts: int) -> list[list[str]]:
@@ -246,7 +203,9 @@ def prepare_calibration(
         budget = DEFAULT_CALIBRATION_TOKENS if calibration_tokens is None else calibration_tokens
         sequences, segments = [], []
         remaining = budget
-        for index, ids in enumerate(_token_ids(tokenizer, _texts(data), dense_config.vocab_size)):
+        for index, ids in enumerate(
+            _token_ids(tokenizer, iter_texts(data, "calibration_data"), dense_config.vocab_size)
+        ):
             for start in range(0, len(ids), length):
                 piece = ids[start : start + min(length, remaining)]
                 sequences.append(piece)
@@ -275,21 +234,6 @@ def prepare_calibration(
             sequences.append(ids[start : start + length])
             segments.append(index)
     return Calibration(router_init, sequences, segments, pad_id, expert_of_prompt)
-
-
-def _texts(source) -> Iterator[str]:
-    datasets = sys.modules.get("datasets")
-    if datasets is not None and isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        for row in source:
-            yield row["text"]
-        return
-    for item in source:
-        if isinstance(item, str):
-            yield item
-            continue
-        with Path(item).expanduser().open(encoding="utf-8", errors="replace") as file:
-            while piece := file.read(_FILE_PIECE_CHARS):
-                yield piece + file.readline()  # finish the line: no word cut in two
 
 
 def _token_ids(tokenizer, texts: Iterator[str], vocab_size: int) -> Iterator[list[int]]:

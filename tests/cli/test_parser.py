@@ -122,7 +122,7 @@ def test_the_defaults_the_help_states_are_the_library_defaults(capsys):
 
 
 def test_the_layer_spec_summary_matches_the_library():
-    from hf_moe.cli.moefy import LAYER_SPEC_SHORT
+    from hf_moe.cli import LAYER_SPEC_SHORT
     from hf_moe.conversion.layer_selection import LAYER_SPEC_HELP, select_layers
 
     for form in ("all", "none", "every_other", "top:N", "bottom:N"):

@@ -156,7 +156,7 @@ def test_token_frequencies_bad_input(tmp_path):
         token_frequencies(tokenizer, "w3 w4")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         token_frequencies(tokenizer, [tmp_path / "missing.txt"])
-    with pytest.raises(ValueError, match="text_column='text' is not a column of the dataset: \\['body'\\]"):
+    with pytest.raises(ValueError, match="needs a 'text' column; the dataset has \\['body'\\]"):
         token_frequencies(tokenizer, datasets.Dataset.from_dict({"body": ["w3"]}))
     with pytest.raises(ValueError, match="outside vocab_size=50"):
         token_frequencies(tokenizer, ["w3 w60"], vocab_size=50, progress=False)
