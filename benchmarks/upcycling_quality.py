@@ -22,7 +22,7 @@ spans of mean length 3 replaced by sentinels; the target lists the spans; a fixe
 Wall time on a shared 2-core CPU drifts by tens of percent, so the same-wall-time column is the noisier one.
 
     python benchmarks/upcycling_quality.py                       # the README's table (about 15 minutes on 2 cores)
-    python benchmarks/upcycling_quality.py --family t5           # the T5 version
+    python benchmarks/upcycling_quality.py --family t5           # the T5 version (about 8 minutes)
     python benchmarks/upcycling_quality.py --smoke               # seconds: every code path, tiny sizes
 """
 
