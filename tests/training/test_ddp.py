@@ -55,3 +55,44 @@ def test_ddp_counts_are_summed_over_ranks(tmp_path):
         assert log0[f"moe/layer_{layer:02d}/tokens"] == 2 * 2 * 2 * 2 * 12 == total.sum().item() / 2
         # every rank logs the same reduced numbers
         assert log1[f"moe/layer_{layer:02d}/load_imbalance"] == log0[f"moe/layer_{layer:02d}/load_imbalance"]
+
+
+@pytest.mark.multiprocess
+def test_router_loss_gradient_is_the_same_for_every_split_over_ranks_and_micro_batches(tmp_path):
+    """The 8 combinations of {1 process, 2 DDP ranks} x average_tokens_across_devices {True, False} x gradient
+    accumulation {1, 4}: the router-loss part of one step's gradient is the same (tests/training/router_loss_scaling.py)."""
+    from tests.training.router_loss_scaling import SETTINGS, router_loss_contributions
+
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(Path(__file__).with_name("router_loss_scaling.py")), str(tmp_path),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        raise
+    assert launcher.returncode == 0, stderr[-4000:]
+    ddp = torch.load(tmp_path / "contributions_rank0.pt")
+    single = router_loss_contributions(str(tmp_path / "single"))
+    reference = single[(True, 1)]  # one process, the whole batch in one forward
+    # the router losses reach the routers (and, through the routing, more): a zero contribution would pass trivially
+    assert max(grad.abs().max().item() for grad in reference.values()) > 1e-3
+    for runs, name in ((single, "1 process"), (ddp, "2 DDP ranks")):
+        for average_tokens, accumulation in SETTINGS:
+            contribution = runs[(average_tokens, accumulation)]
+            assert contribution.keys() == reference.keys()
+            where = f"{name}, average_tokens_across_devices={average_tokens}, accumulation {accumulation}"
+            for parameter, grad in reference.items():
+                torch.testing.assert_close(
+                    contribution[parameter],
+                    grad,
+                    rtol=1e-4,
+                    atol=1e-6,
+                    msg=lambda m, w=f"{where}, {parameter}": f"{w}: {m}",
+                )
