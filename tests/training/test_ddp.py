@@ -22,24 +22,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.multiprocess
-def test_ddp_counts_are_summed_over_ranks(tmp_path):
+def run_on_two_ranks(script: str, output_dir: Path, timeout: int) -> None:
+    """torchrun this folder's `script` on 2 processes with `output_dir` as its argument; fail with its stderr."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path),
+        str(Path(__file__).with_name(script)), str(output_dir),
     ]  # fmt: skip
     # a session of its own, so a hung run is ended with its workers, not just the launcher
     launcher = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        _, stderr = launcher.communicate(timeout=240)
+        _, stderr = launcher.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.communicate()
         raise
     assert launcher.returncode == 0, stderr[-4000:]
+
+
+@pytest.mark.multiprocess
+def test_ddp_counts_are_summed_over_ranks(tmp_path):
+    run_on_two_ranks("ddp_worker.py", tmp_path, timeout=240)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world_size"] == 2 and r["ddp"] == "DistributedDataParallel" for r in ranks)
     assert all(r["process_group_destroyed"] for r in ranks)
@@ -63,21 +68,7 @@ def test_router_loss_gradient_is_the_same_for_every_split_over_ranks_and_micro_b
     accumulation {1, 4}: the router-loss part of one step's gradient is the same (tests/training/router_loss_scaling.py)."""
     from tests.training.router_loss_scaling import SETTINGS, router_loss_contributions
 
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(Path(__file__).with_name("router_loss_scaling.py")), str(tmp_path),
-    ]  # fmt: skip
-    launcher = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        _, stderr = launcher.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.communicate()
-        raise
-    assert launcher.returncode == 0, stderr[-4000:]
+    run_on_two_ranks("router_loss_scaling.py", tmp_path, timeout=300)
     ddp = torch.load(tmp_path / "contributions_rank0.pt")
     single = router_loss_contributions(str(tmp_path / "single"))
     reference = single[(True, 1)]  # one process, the whole batch in one forward
