@@ -31,7 +31,7 @@ from .modeling import (
     register_router,
 )
 from .registration import register_auto_classes
-from .training import DenseToSparseCallback, LoadBalanceCallback, MoeLoss, MoeTrainer
+from .training import DenseToSparseCallback, LoadBalanceCallback, MoeLoss, MoeTrainer, RouterBalancingCallback
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "MoeLoss",
     "MoeTrainer",
     "Router",
+    "RouterBalancingCallback",
     "RouterDecision",
     "RoutingInputs",
     "SparseMoeBlock",

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, fields
 
 from .dispatch import CAPACITY_SCOPES, DROP_POLICIES
+from .losses import AUX_LOSS_SCOPES
 from .registry import BALANCE_LOSSES, ROUTERS
 
 __all__ = ["HASH_KINDS", "MoeConfigFields", "moe_field_names", "validate_layer_list"]
@@ -64,9 +65,17 @@ class MoeConfigFields:
     drop_policy: str = "position"
     # load-balancing loss by registry name (`registry.BALANCE_LOSSES`): "switch" (Fedus et al.), "cv_squared" (Shazeer)
     aux_loss_type: str = "switch"
+    # what the load-balancing loss averages over: "micro_batch" (each forward's tokens), "global_batch" (expert loads
+    # counted over the optimizer step's micro-batches so far and every data-parallel rank; Qiu et al. 2025), or
+    # "sequence" (the loss of each sequence, averaged; DeepSeek-V3's sequence-wise balance loss)
+    aux_loss_scope: str = "micro_batch"
     # coefficient of the load-balancing loss added to `loss` whenever labels are given; None: the router's default
-    # (0.01; 0 for the hash, BASE, expert-choice and dense-to-sparse routers, balanced by construction or by design)
+    # (0.01; 0 for the hash, BASE, expert-choice and dense-to-sparse routers, balanced by construction or by design,
+    # and with router_bias_update_rate > 0, balanced by the bias)
     router_aux_loss_coef: float | None = None
+    # aux-loss-free balancing (Wang et al. 2024; DeepSeek-V3): after each optimizer step every expert's selection bias
+    # moves by this much towards balance (bias_e += rate * sign(mean load - load_e)); 0 disables
+    router_bias_update_rate: float = 0.0
     # coefficient of the router z-loss (ST-MoE) added to `loss` whenever labels are given
     router_z_loss_coef: float = 0.001
     # dropout on the experts' hidden activation only, active in training (separate from the model's dropout)
@@ -106,6 +115,25 @@ class MoeConfigFields:
         _require_numbers(self, "router_jitter_noise", "router_logit_noise_std", "router_z_loss_coef")
         _require_numbers(self, "router_init_std", "expert_dropout", "router_temperature")
         BALANCE_LOSSES.entry(self.aux_loss_type)
+        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise ValueError(f"aux_loss_scope must be one of {AUX_LOSS_SCOPES}, got {self.aux_loss_scope!r}")
+        if self.aux_loss_scope not in BALANCE_LOSSES.entry(self.aux_loss_type).scopes:
+            raise ValueError(
+                f"aux_loss_type={self.aux_loss_type!r} supports aux_loss_scope in "
+                f"{BALANCE_LOSSES.entry(self.aux_loss_type).scopes}, got {self.aux_loss_scope!r}"
+            )
+        _require_numbers(self, "router_bias_update_rate")
+        if not (self.router_bias_update_rate >= 0 and math.isfinite(self.router_bias_update_rate)):
+            raise ValueError(
+                f"router_bias_update_rate must be a finite number >= 0 (0 disables bias balancing), "
+                f"got {self.router_bias_update_rate}"
+            )
+        if self.router_bias_update_rate > 0 and not ROUTERS.entry(self.router_type).router_class.supports_expert_bias:
+            supported = tuple(n for n, e in ROUTERS.items() if e.router_class.supports_expert_bias)
+            raise ValueError(
+                f"router_bias_update_rate={self.router_bias_update_rate} needs a router that selects experts by a "
+                f"biasable score, one of router_type in {supported}; router_type={self.router_type!r} has none"
+            )
         if self.router_aux_loss_coef is not None:
             _require_numbers(self, "router_aux_loss_coef")
         _require_numbers(self, "num_hash_heads", "hash_seed", integer=True)
@@ -185,6 +213,8 @@ class MoeConfigFields:
         """The effective `router_aux_loss_coef`: the field, or the router's default when it is None."""
         if self.router_aux_loss_coef is not None:
             return self.router_aux_loss_coef
+        if self.router_bias_update_rate > 0:
+            return 0.0  # aux-loss-free: the bias balances; a complementary loss is opted into with a coefficient
         return ROUTERS.entry(self.router_type).router_class.default_aux_loss_coef
 
     @property

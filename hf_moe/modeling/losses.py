@@ -9,6 +9,12 @@ The balance losses a config can name (`aux_loss_type`, `registry.BALANCE_LOSSES`
 `loss(decision, combine_weights_TK, token_mask_T) -> scalar`: the router's decision and the combine weights the
 experts actually used (0 at slots dropped by capacity). The block computes them; the model averages them over layers.
 
+What a balance loss averages over (`aux_loss_scope`, computed by `sparse_moe.RouterLosses`):
+- "micro_batch": the tokens of one forward;
+- "sequence": each sequence's tokens, then the mean over sequences (`sequence_mean`, any registered loss);
+- "global_batch": the Switch loss with the assignment fractions f_e of the whole optimizer step so far, summed over
+  data-parallel ranks (detached), and this forward's mean probabilities P_e (`switch_load_balancing_loss(fraction_E=)`).
+
 Every loss is computed in float32; callers pass float32 router tensors.
 """
 
@@ -22,16 +28,22 @@ if TYPE_CHECKING:
     from .routing import RouterDecision
 
 __all__ = [
+    "AUX_LOSS_SCOPES",
     "accumulation_share",
+    "assignment_counts",
     "cv_squared",
     "importance_load_balance_loss",
     "importance_load_loss",
     "mean_over_layers",
     "noisy_top_k_load",
     "router_z_loss",
+    "sequence_mean",
     "switch_balance_loss",
+    "switch_global_batch_loss",
     "switch_load_balancing_loss",
 ]
+
+AUX_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
 
 
 def _token_weights(num_tokens: int, token_mask_T: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -41,30 +53,42 @@ def _token_weights(num_tokens: int, token_mask_T: torch.Tensor | None, device: t
 
 
 def switch_load_balancing_loss(
-    probs_TE: torch.Tensor, top_k_index_TK: torch.Tensor, token_mask_T: torch.Tensor | None = None
+    probs_TE: torch.Tensor,
+    top_k_index_TK: torch.Tensor,
+    token_mask_T: torch.Tensor | None = None,
+    fraction_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6), generalized to top-k.
 
     E * sum_e f_e * P_e, with f_e the fraction of the (token, slot) assignments that went to expert e and P_e the
     mean router probability of expert e. Equals 1 at perfectly uniform routing, its minimum for balanced
-    assignments; it grows to E when one expert takes everything with certainty.
+    assignments; it grows to E when one expert takes everything with certainty. `fraction_E`, when given, replaces
+    this batch's f (global-batch balancing: counted over more tokens; f has no gradient either way).
     """
     num_tokens, num_experts = probs_TE.shape
     top_k = top_k_index_TK.shape[-1]
     weights_T = _token_weights(num_tokens, token_mask_T, probs_TE.device)
     num_valid = weights_T.sum().clamp_min(1.0)
-    assignments_E = _assignments_per_expert(top_k_index_TK, weights_T, num_experts)
-    fraction_E = assignments_E / (num_valid * top_k)
+    if fraction_E is None:
+        assignments_E = _assignments_per_expert(top_k_index_TK, weights_T, num_experts)
+        fraction_E = assignments_E / (num_valid * top_k)
     mean_prob_E = (probs_TE.float() * weights_T.unsqueeze(-1)).sum(dim=0) / num_valid
     return num_experts * torch.sum(fraction_E * mean_prob_E)
 
 
 def _assignments_per_expert(top_k_index_TK: torch.Tensor, weights_T: torch.Tensor, num_experts: int) -> torch.Tensor:
     # scatter_add, not bincount: no host sync, and padding tokens add weight 0; one extra bin takes the sentinel id
-    # of unused slots and is dropped
+    # of unused slots and is dropped. Out of place, so `torch.vmap` can batch it over sequences (`sequence_mean`)
     top_k = top_k_index_TK.shape[-1]
     bins = torch.zeros(num_experts + 1, dtype=torch.float32, device=weights_T.device)
-    return bins.scatter_add_(0, top_k_index_TK.reshape(-1), weights_T.repeat_interleave(top_k))[:num_experts]
+    return bins.scatter_add(0, top_k_index_TK.reshape(-1), weights_T.repeat_interleave(top_k))[:num_experts]
+
+
+def assignment_counts(top_k_index_TK: torch.Tensor, token_mask_T: torch.Tensor | None, num_experts: int):
+    """(assignments per expert (E,), slots) of one forward, padding excluded: what global-batch balancing sums."""
+    weights_T = _token_weights(top_k_index_TK.shape[0], token_mask_T, top_k_index_TK.device)
+    assignments_E = _assignments_per_expert(top_k_index_TK, weights_T, num_experts)
+    return assignments_E, weights_T.sum() * top_k_index_TK.shape[-1]
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -135,6 +159,42 @@ def switch_balance_loss(
     """`aux_loss_type="switch"`: the Switch load-balancing loss of a routing decision (dropped slots still count as
     assignments: the router chose them)."""
     return switch_load_balancing_loss(decision.routing_probs(), decision.top_k_index_TK, token_mask_T)
+
+
+def switch_global_batch_loss(
+    decision: RouterDecision, combine_weights_TK: torch.Tensor, token_mask_T, fraction_E: torch.Tensor
+) -> torch.Tensor:
+    """`aux_loss_type="switch"`, `aux_loss_scope="global_batch"`: the Switch loss with the global batch's assignment
+    fractions `fraction_E` and this forward's mean probabilities (the only part with a gradient)."""
+    return switch_load_balancing_loss(decision.routing_probs(), decision.top_k_index_TK, token_mask_T, fraction_E)
+
+
+def sequence_mean(loss, decision: RouterDecision, combine_weights_TK, token_mask_T, num_sequences: int):
+    """`aux_loss_scope="sequence"`: `loss` (a balance loss) of each sequence's tokens, averaged over the sequences that
+    have a token that counts. The T tokens are `num_sequences` sequences, row by row; one `torch.vmap`, no loop."""
+    num_tokens = decision.top_k_index_TK.shape[0]
+    if token_mask_T is None:
+        token_mask_T = torch.ones(num_tokens, device=decision.top_k_index_TK.device)
+
+    def by_sequence(value):  # (T, ...) -> (B, S, ...), through the decision's nested tuples
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            return type(value)(*(by_sequence(v) for v in value))
+        return value.reshape(num_sequences, num_tokens // num_sequences, *value.shape[1:])
+
+    def batch_dims(value):  # vmap's in_dims: 0 for each tensor, None where the decision holds None
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            return type(value)(*(batch_dims(v) for v in value))
+        return 0
+
+    mask_BS = by_sequence(token_mask_T).float()
+    vmapped = torch.vmap(loss, in_dims=(batch_dims(decision), 0, 0))
+    losses_B = vmapped(by_sequence(decision), by_sequence(combine_weights_TK), mask_BS)
+    counted_B = (mask_BS.sum(dim=-1) > 0).float()
+    return (losses_B * counted_B).sum() / counted_B.sum().clamp_min(1.0)
 
 
 def importance_load_balance_loss(

@@ -112,6 +112,9 @@ class MoePreTrainedMixin(PrivateModelHooks):
             # and leaves their values to this method
             for name in module.COUNTERS:
                 init.zeros_(getattr(module, name))
+            for name in module.losses.float32_buffers:  # the global batch's loads, when that scope is on
+                if getattr(module.losses, name, None) is not None:
+                    init.zeros_(getattr(module.losses, name))
         elif kind == "router":
             module.init_weights(self.config.router_init_std)
 

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from .losses import importance_load_balance_loss, switch_balance_loss
+from .losses import importance_load_balance_loss, switch_balance_loss, switch_global_batch_loss
 from .routing import NoisyTopKRouter, Router, TopKRouter
 from .routing_base import BaseLayerRouter
 from .routing_dense_to_sparse import DenseToSparseRouter
@@ -54,6 +54,14 @@ class BalanceLossEntry:
     # loss(decision, combine_weights_TK, token_mask_T) -> float32 scalar (see losses.py)
     loss: Callable[..., torch.Tensor]
     card_label: str
+    # the same with the global batch's assignment fractions, loss(decision, combine_weights_TK, token_mask_T,
+    # fraction_E), for losses built on f_e (`aux_loss_scope="global_batch"`); None: that scope is refused
+    global_batch_loss: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The `aux_loss_scope` values this loss supports (every loss runs per micro-batch and per sequence)."""
+        return ("micro_batch", "sequence") + (("global_batch",) if self.global_batch_loss is not None else ())
 
 
 EntryT = TypeVar("EntryT")
@@ -85,9 +93,17 @@ def register_router(
     ROUTERS[name] = RouterEntry(router_class, extra_parameters, card_label)
 
 
-def register_balance_loss(name: str, loss: Callable[..., torch.Tensor], *, card_label: str) -> None:
-    """Make `aux_loss_type=name` use `loss(decision, combine_weights_TK, token_mask_T)`."""
-    BALANCE_LOSSES[name] = BalanceLossEntry(loss, card_label)
+def register_balance_loss(
+    name: str,
+    loss: Callable[..., torch.Tensor],
+    *,
+    card_label: str,
+    global_batch_loss: Callable[..., torch.Tensor] | None = None,
+) -> None:
+    """Make `aux_loss_type=name` use `loss(decision, combine_weights_TK, token_mask_T)` (and, for
+    `aux_loss_scope="global_batch"`, `global_batch_loss(decision, combine_weights_TK, token_mask_T, fraction_E)`).
+    `aux_loss_scope="sequence"` runs `loss` on each sequence with `torch.vmap`: write it with out-of-place ops."""
+    BALANCE_LOSSES[name] = BalanceLossEntry(loss, card_label, global_batch_loss)
 
 
 def build_router(config, hidden_size: int) -> Router:
@@ -131,7 +147,12 @@ register_router(
     extra_parameters=lambda num_experts, hidden_size: num_experts * hidden_size,
     card_label="BASE layers: balanced assignment (Lewis et al. 2021)",
 )
-register_balance_loss("switch", switch_balance_loss, card_label="Switch load balancing (Fedus et al. 2021)")
+register_balance_loss(
+    "switch",
+    switch_balance_loss,
+    card_label="Switch load balancing (Fedus et al. 2021)",
+    global_batch_loss=switch_global_batch_loss,
+)
 register_balance_loss(
     "cv_squared", importance_load_balance_loss, card_label="importance + load CV² (Shazeer et al. 2017)"
 )

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from ._compat import KeepsFloat32Buffers
+
 __all__ = [
     "TOKEN_CHOICE_SETTINGS",
     "NoisyTopKRouter",
@@ -125,6 +127,9 @@ class Router(nn.Module):
     learned: ClassVar[bool] = True
     # `router_aux_loss_coef` when the config leaves it None; 0 for routers balanced by construction or by design
     default_aux_loss_coef: ClassVar[float] = 0.01
+    # True for routers that select experts by a score a per-expert bias can shift (aux-loss-free balancing,
+    # `router_bias_update_rate`); the others refuse that setting
+    supports_expert_bias: ClassVar[bool] = False
 
     def __init__(self, config, hidden_size: int):
         super().__init__()
@@ -160,17 +165,31 @@ class Router(nn.Module):
                 init.zeros_(param)
 
 
-class TopKRouter(Router):
+class TopKRouter(KeepsFloat32Buffers, Router):
     """Token-choice top-k softmax routing (`router_type="topk"`).
 
     k=1 with raw probabilities is Switch routing; k>=2 with renormalized weights is GShard / Mixtral routing.
     Training-time noise: Switch's multiplicative jitter on the router input (`router_jitter_noise`) and additive
     Gaussian logit noise (`router_logit_noise_std`). The routing softmax is softmax(logits / temperature); the
     dense-to-sparse schedule anneals `temperature` between steps.
+
+    Aux-loss-free balancing (Wang et al. 2024, DeepSeek-V3), on when `router_bias_update_rate > 0`: the experts are
+    selected by probs + `expert_bias`, the combine weights still come from the unbiased probs (the bias steers the
+    load, not the output). Who owns what: `expert_bias` (E,) is a persistent float32 buffer (checkpointed, resumed,
+    saved to the Hub; float32 whatever `.to(dtype)` does, since steps of 1e-3 vanish in bfloat16), changed only by
+    `update_expert_bias` once per optimizer step (`hf_moe.training.RouterBalancer`). `expert_load` (E,) is a
+    non-persistent float32 buffer: the block adds its selections to it in training forwards, the balancer drains it.
     """
+
+    supports_expert_bias = True
+    float32_buffers = ("expert_bias", "expert_load")
 
     def __init__(self, config, hidden_size: int):
         super().__init__(config, hidden_size)
+        self.bias_update_rate = float(config.router_bias_update_rate)
+        if self.balances_with_bias:
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
+            self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
         self.normalize_top_k_weights = config.normalizes_top_k_weights
         self.unit_combine_weights = config.unit_combine_weights
         self.jitter_noise = config.router_jitter_noise
@@ -202,7 +221,12 @@ class TopKRouter(Router):
             # the default path does no extra work. `logits_TE` stays untempered: a z-loss on logits / 0.02 would be
             # 2500x larger and fight the annealing
             probs_TE = torch.softmax(logits_TE if self.temperature == 1.0 else logits_TE / self.temperature, dim=-1)
-            top_k_probs_TK, top_k_index_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+            if self.balances_with_bias:
+                # the bias picks the experts; the weights are the unbiased probabilities of the picked experts
+                top_k_index_TK = torch.topk(probs_TE + self.expert_bias, self.top_k, dim=-1).indices
+                top_k_probs_TK = probs_TE.gather(-1, top_k_index_TK)
+            else:
+                top_k_probs_TK, top_k_index_TK = torch.topk(probs_TE, self.top_k, dim=-1)
             if self.unit_combine_weights:
                 top_k_weights_TK = torch.ones_like(top_k_probs_TK)
             elif self.normalize_top_k_weights:
@@ -210,6 +234,33 @@ class TopKRouter(Router):
             else:
                 top_k_weights_TK = top_k_probs_TK
         return RouterDecision(logits_TE, top_k_index_TK, top_k_weights_TK, probs_TE, noise)
+
+    @property
+    def balances_with_bias(self) -> bool:
+        """Whether this router selects experts with an expert bias (aux-loss-free balancing)."""
+        return self.bias_update_rate > 0
+
+    @torch.no_grad()
+    def add_expert_load(self, top_k_index_TK: torch.Tensor, token_mask_T: torch.Tensor | None) -> None:
+        """Add one training forward's selections to `expert_load` (padding tokens add 0; no host sync)."""
+        weights_N = torch.ones(top_k_index_TK.numel(), device=top_k_index_TK.device)
+        if token_mask_T is not None:
+            weights_N = token_mask_T.to(weights_N).repeat_interleave(top_k_index_TK.shape[-1])
+        self.expert_load.scatter_add_(0, top_k_index_TK.reshape(-1), weights_N)
+
+    @torch.no_grad()
+    def update_expert_bias(self, load_E: torch.Tensor) -> None:
+        """One aux-loss-free balancing step: bias_e += rate * sign(mean load - load_e), so overloaded experts get
+        picked less and underloaded ones more. `load_E` is the step's selections over every micro-batch and rank."""
+        load_E = load_E.to(self.expert_bias)
+        self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        super().init_weights(std, generator)
+        if self.balances_with_bias:
+            # no-ops for a bias loaded from a checkpoint (transformers' `init` functions skip loaded tensors)
+            init.zeros_(self.expert_bias)
+            init.zeros_(self.expert_load)
 
 
 class NoisyTopKRouter(TopKRouter):

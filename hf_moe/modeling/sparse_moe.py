@@ -16,14 +16,17 @@ Hub portability: this file travels with every saved checkpoint; only torch / tra
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import ClassVar, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._compat import KeepsFloat32Buffers
 from .dispatch import Capacity, run_experts
-from .losses import router_z_loss
+from .losses import assignment_counts, router_z_loss, sequence_mean
 from .registry import BALANCE_LOSSES, build_router
 from .routing import RouterDecision, RoutingInputs
 
@@ -52,29 +55,80 @@ class RouterLossValues(NamedTuple):
     z_loss: torch.Tensor
 
 
-class RouterLosses(nn.Module):
+class RouterLosses(KeepsFloat32Buffers, nn.Module):
     """Computes one layer's router losses from its routing decision: the balance loss `config.aux_loss_type` names
-    (registry) and the ST-MoE z-loss, padding excluded. A module of its own so that transformers' output recorders
-    can collect every layer's losses for the model's loss; it holds no parameters."""
+    (registry) over the tokens `config.aux_loss_scope` says, and the ST-MoE z-loss, padding excluded. A module of its
+    own so that transformers' output recorders can collect every layer's losses for the model's loss; it holds no
+    parameters.
+
+    Global-batch scope, in training: `global_assignments_per_expert` (E,) and `global_slots` () are non-persistent
+    float32 buffers holding the (token, expert) assignments of the optimizer step's micro-batches so far, summed over
+    all ranks (one `all_reduce` of E + 1 detached numbers per layer and forward when torch.distributed is initialized:
+    every rank routes a distinct batch with the layouts the families support). Added to in each counted forward,
+    zeroed by `reset_global_batch` once per optimizer step (`hf_moe.training.RouterBalancer`). Micro-batch m of a step
+    therefore sees the loads of micro-batches 1..m on every rank (Megatron-Core's global_aux_loss does the same): the
+    later ones are not routed yet when its gradient is taken. In evaluation the loss is the micro-batch one.
+    """
+
+    float32_buffers = ("global_assignments_per_expert", "global_slots")
 
     def __init__(self, config, learned: bool = True):
         super().__init__()
-        self.balance_loss = BALANCE_LOSSES.entry(config.aux_loss_type).loss
+        entry = BALANCE_LOSSES.entry(config.aux_loss_type)
+        self.balance_loss = entry.loss
+        self.global_batch_loss = entry.global_batch_loss
+        self.scope = config.aux_loss_scope
+        self.num_experts = config.num_local_experts
         # a router with nothing to learn (hash) gets zeros: its losses would only add a constant to the model's loss
         self.learned = learned
+        if self.scope == "global_batch":
+            self.register_buffer("global_assignments_per_expert", torch.zeros(self.num_experts), persistent=False)
+            self.register_buffer("global_slots", torch.zeros(()), persistent=False)
 
     def forward(
-        self, decision: RouterDecision, combine_weights_TK: torch.Tensor, token_mask_T: torch.Tensor | None
+        self,
+        decision: RouterDecision,
+        combine_weights_TK: torch.Tensor,
+        token_mask_T: torch.Tensor | None,
+        num_sequences: int = 1,
+        counting: bool = True,
     ) -> RouterLossValues:
+        """`counting=False` while activation checkpointing recomputes the forward: the global batch's loads then stay
+        as the first run left them (this forward included), so the recomputed loss is the same."""
         if not self.learned:
             zero = decision.logits_TE.new_zeros((), dtype=torch.float32)
             return RouterLossValues(zero, zero)
         # float32 whatever the autocast dtype, like the routing itself
         with torch.autocast(device_type=decision.logits_TE.device.type, enabled=False):
             return RouterLossValues(
-                self.balance_loss(decision, combine_weights_TK, token_mask_T),
+                self._balance_loss(decision, combine_weights_TK, token_mask_T, num_sequences, counting),
                 router_z_loss(decision.logits_TE, token_mask_T),
             )
+
+    def _balance_loss(self, decision, combine_weights_TK, token_mask_T, num_sequences: int, counting: bool):
+        if self.scope == "sequence":
+            return sequence_mean(self.balance_loss, decision, combine_weights_TK, token_mask_T, num_sequences)
+        if self.scope == "global_batch" and self.training:
+            if counting:
+                self._add_to_global_batch(decision.top_k_index_TK, token_mask_T)
+            fraction_E = self.global_assignments_per_expert / self.global_slots.clamp_min(1.0)
+            return self.global_batch_loss(decision, combine_weights_TK, token_mask_T, fraction_E)
+        return self.balance_loss(decision, combine_weights_TK, token_mask_T)
+
+    @torch.no_grad()
+    def _add_to_global_batch(self, top_k_index_TK: torch.Tensor, token_mask_T: torch.Tensor | None) -> None:
+        assignments_E, slots = assignment_counts(top_k_index_TK, token_mask_T, self.num_experts)
+        counts = torch.cat([assignments_E, slots.reshape(1)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        self.global_assignments_per_expert += counts[:-1]
+        self.global_slots += counts[-1]
+
+    def reset_global_batch(self) -> None:
+        """Start the next optimizer step's global batch (a no-op for the other scopes)."""
+        if self.scope == "global_batch":
+            self.global_assignments_per_expert.zero_()
+            self.global_slots.zero_()
 
 
 class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
@@ -102,8 +156,18 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         "balance_loss_sum",  # () sum over forwards of this layer's load-balancing loss
         "z_loss_sum",  # () sum over forwards of this layer's z-loss
         "num_forwards",  # () forwards counted
+        # router diagnostics, counted only while `diagnostics` is on (see `_count_topk_margin`)
+        "topk_margin_sum",  # () sum over tokens of the top-k boundary margin
+        "topk_margin_histogram",  # (TOPK_MARGIN_BINS,) tokens per margin bin; summed over ranks, so percentiles merge
     )
     float32_buffers = COUNTERS
+    # the margin histogram: bin 0 holds margins below TOPK_MARGIN_MIN (ties included), bins 1.. split
+    # [TOPK_MARGIN_MIN, 1) into equal steps of log10 (6/63 decade, a factor 1.25); margins >= 1 (only a bias
+    # makes them) go to the last bin
+    TOPK_MARGIN_BINS: ClassVar[int] = 64
+    TOPK_MARGIN_MIN: ClassVar[float] = 1e-6
+    # gradient accumulation rarely runs this many micro-batches per step; more without a step means nobody steps
+    FORWARDS_WITHOUT_STEP_WARNING: ClassVar[int] = 256
 
     def __init__(self, config, experts: nn.Module):
         super().__init__()
@@ -115,8 +179,14 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         self.losses = RouterLosses(config, learned=self.router.learned)
         # False while activation checkpointing recomputes this layer's forward (see `_compat._PauseCounting`)
         self.counting = True
+        # training forwards since the last optimizer step, for the warning when no balancer ends the steps
+        self.forwards_since_optimizer_step = 0
+        # router diagnostics (the top-k margin counters): off unless asked for, so that plain training and inference
+        # pay nothing; `hf_moe.training.LoadBalanceCallback` turns it on (`enable_router_diagnostics`)
+        self.diagnostics = False
         for name in self.COUNTERS:
             shape = (self.num_experts,) if name.endswith("_per_expert") else ()
+            shape = (self.TOPK_MARGIN_BINS,) if name.endswith("_histogram") else shape
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32), persistent=False)
 
     def forward(
@@ -147,10 +217,40 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
             kept_TK,
             always_call=self._is_expert_parallel,
         )
-        losses = self.losses(decision, weights_TK, inputs.token_mask_T)
+        losses = self.losses(decision, weights_TK, inputs.token_mask_T, inputs.num_sequences, self.counting)
         if self.counting:
             self._count(decision, kept_TK, inputs.token_mask_T, losses)
+            if self.training and self.balances_per_optimizer_step:
+                self._note_training_forward(decision, inputs.token_mask_T)
         return out_TD.view_as(hidden_states)
+
+    @property
+    def balances_per_optimizer_step(self) -> bool:
+        """Whether this layer keeps balancing state that `hf_moe.training.RouterBalancer` must advance once per
+        optimizer step: the expert bias (aux-loss-free balancing) or the global batch of the balance loss."""
+        return getattr(self.router, "balances_with_bias", False) or self.losses.scope == "global_batch"
+
+    def _note_training_forward(self, decision: RouterDecision, token_mask_T: torch.Tensor | None) -> None:
+        if getattr(self.router, "balances_with_bias", False):
+            self.router.add_expert_load(decision.top_k_index_TK, token_mask_T)
+        if torch.compiler.is_compiling():
+            return  # a Python counter would make the compiled graph guard on its value
+        # bias balancing without a balancer never moves the bias: a setting that silently does nothing
+        self.forwards_since_optimizer_step += 1
+        if self.forwards_since_optimizer_step == self.FORWARDS_WITHOUT_STEP_WARNING:
+            warnings.warn(
+                f"this MoE model balances its routers once per optimizer step (router_bias_update_rate / "
+                f"aux_loss_scope='global_batch'), but {self.FORWARDS_WITHOUT_STEP_WARNING} training forwards ran "
+                "without a step: use hf_moe.MoeTrainer, add hf_moe.RouterBalancingCallback() to your Trainer, or call "
+                "hf_moe.training.RouterBalancer(model).step() after each optimizer.step()",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def end_optimizer_step(self) -> None:
+        """Called by `RouterBalancer` after it updated the bias: the next forward belongs to the next step."""
+        self.losses.reset_global_batch()
+        self.forwards_since_optimizer_step = 0
 
     @torch.no_grad()
     def _count(
@@ -186,6 +286,31 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         self.balance_loss_sum += losses.balance_loss.detach()
         self.z_loss_sum += losses.z_loss.detach()
         self.num_forwards += 1
+        if self.diagnostics:
+            self._count_topk_margin(decision, token_weights_T)
+
+    def _count_topk_margin(self, decision: RouterDecision, token_weights_T: torch.Tensor) -> None:
+        """Add each token's top-k boundary margin, the k-th minus the (k+1)-th largest selection score, to the margin
+        counters (a small margin: a small change of the router flips the token's experts). The selection score is
+        the routing probability, plus the expert bias when the router balances with one (what its top-k ranks).
+        Only routers that rank a per-token score take a top-k of it (`supports_expert_bias`: token-choice top-k), and
+        only with k < E; the others (expert choice, BASE, hash, the dense-to-sparse gate) count nothing."""
+        router = self.router
+        top_k = decision.top_k_index_TK.shape[-1]
+        if not getattr(router, "supports_expert_bias", False) or top_k >= self.num_experts:
+            return
+        scores_TE = decision.routing_probs()
+        if router.balances_with_bias:
+            scores_TE = scores_TE + router.expert_bias
+        boundary_T2 = torch.topk(scores_TE, top_k + 1, dim=-1).values[:, top_k - 1 :]
+        margin_T = boundary_T2[:, 0] - boundary_T2[:, 1]
+        self.topk_margin_sum += (margin_T * token_weights_T).sum()
+        # fixed bins and scatter_add_: no host sync (bincount would read its length back), padding adds weight 0
+        low = math.log10(self.TOPK_MARGIN_MIN)
+        step = -low / (self.TOPK_MARGIN_BINS - 1)
+        position_T = (torch.log10(margin_T.clamp_min(self.TOPK_MARGIN_MIN / 10)) - low) / step
+        bin_T = (position_T.floor() + 1).clamp(0, self.TOPK_MARGIN_BINS - 1).long()
+        self.topk_margin_histogram.scatter_add_(0, bin_T, token_weights_T)
 
     @property
     def _is_expert_parallel(self) -> bool:

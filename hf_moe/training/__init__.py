@@ -22,6 +22,7 @@ from .optimizers import (
 )
 from .perplexity import language_model_loss, perplexity
 from .plots import history_from_log_history, save_load_balance_plots
+from .router_balancing import RouterBalancer, RouterBalancingCallback, needs_router_balancing
 from .schedules import DenseToSparseCallback, anneal
 from .sharded_checkpoint import ShardedCheckpointMixin
 from .text_data import (
@@ -52,6 +53,8 @@ __all__ = [
     "MoeLoss",
     "MoeTrainer",
     "RouterBalance",
+    "RouterBalancer",
+    "RouterBalancingCallback",
     "ShardedCheckpointMixin",
     "anneal",
     "apply_moe_preset",
@@ -66,6 +69,7 @@ __all__ = [
     "metrics_from_counts",
     "moe_blocks",
     "moe_param_groups",
+    "needs_router_balancing",
     "perplexity",
     "read_corpus",
     "read_texts",

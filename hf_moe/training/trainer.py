@@ -3,6 +3,7 @@
 - The loss keeps the router losses when the Trainer computes it itself (`label_smoothing_factor > 0` or a
   `compute_loss_func`): both go through `MoeLoss`.
 - `LoadBalanceCallback`s are put first among the callbacks, so the reporting integrations log their metrics.
+- Routers balanced once per optimizer step (expert bias, global-batch loss) get their `RouterBalancingCallback`.
 - The optimizer uses the MoE presets and parameter groups (`optimizers.py`).
 - Checkpoints of an expert-parallel model (sharded at load time) can resume (`sharded_checkpoint.py`).
 """
@@ -16,6 +17,7 @@ from transformers import Trainer
 from .callbacks import LoadBalanceCallback
 from .moe_loss import MoeLoss
 from .optimizers import _check_preset, apply_moe_preset, create_moe_optimizer
+from .router_balancing import RouterBalancingCallback, needs_router_balancing
 from .sharded_checkpoint import ShardedCheckpointMixin
 
 __all__ = ["MoeTrainer"]
@@ -54,6 +56,9 @@ class MoeTrainer(ShardedCheckpointMixin, Trainer):
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, LoadBalanceCallback):
                 callback.attach_to(self)
+        balancing = any(isinstance(c, RouterBalancingCallback) for c in self.callback_handler.callbacks)
+        if needs_router_balancing(self.model) and not balancing:
+            super().add_callback(RouterBalancingCallback())
 
     def add_callback(self, callback) -> None:
         if isinstance(callback, type) and issubclass(callback, LoadBalanceCallback):
