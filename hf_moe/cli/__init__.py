@@ -11,10 +11,20 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["LAYER_SPEC_SHORT", "add_moe_layer_options", "non_negative_float", "positive_float", "positive_int"]
+__all__ = [
+    "AUX_LOSS_SCOPES",
+    "LAYER_SPEC_SHORT",
+    "add_balancing_options",
+    "add_moe_layer_options",
+    "non_negative_float",
+    "positive_float",
+    "positive_int",
+]
 
 # the layer specs `hf_moe.conversion.layer_selection` reads (its LAYER_SPEC_HELP says more; a test keeps them in step)
 LAYER_SPEC_SHORT = "'all', 'none', 'every_other', 'top:N', 'bottom:N' or indices like '0,2'"
+# hf_moe.modeling.losses.AUX_LOSS_SCOPES, which imports torch (tests/cli check that they match)
+AUX_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
 
 
 def add_moe_layer_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -27,6 +37,28 @@ def add_moe_layer_options(parser: argparse.ArgumentParser, verb: str) -> None:
     )
     parser.add_argument(
         "--decoder-moe-layers", metavar="SPEC", default=None, help="T5 decoder layers, same syntax (default: all)"
+    )
+
+
+def add_balancing_options(parser: argparse.ArgumentParser) -> None:
+    """--aux-loss-scope and --router-bias-update-rate: how the routers are kept balanced in training. Whether the
+    balance loss and the router support them is the config's check (it names the field and what is allowed)."""
+    parser.add_argument(
+        "--aux-loss-scope",
+        choices=AUX_LOSS_SCOPES,
+        default=None,
+        help="what the balance loss averages over: micro_batch (each forward's tokens), global_batch (expert loads "
+        "of the optimizer step's micro-batches and data-parallel ranks, Qiu et al. 2025; the switch loss "
+        "only) or sequence (each sequence, then the mean; DeepSeek-V3) (default: micro_batch)",
+    )
+    parser.add_argument(
+        "--router-bias-update-rate",
+        metavar="R",
+        type=non_negative_float,
+        default=None,
+        help="aux-loss-free balancing (Wang et al. 2024; DeepSeek-V3) for the routers topk, noisy_topk: a per-expert "
+        "selection bias moves by R towards balance after each optimizer step, under hf_moe's MoeTrainer or "
+        "RouterBalancingCallback; the balance loss coefficient then defaults to 0; 0 is off (default: 0.0)",
     )
 
 

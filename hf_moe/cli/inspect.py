@@ -4,12 +4,16 @@ The weights check reads safetensors headers only, never tensor data, so it takes
 file's header must parse and cover the file exactly (a truncated or overwritten file fails here), and the tensors must
 be the ones the config implies, with their shapes (the model is built on the meta device to know them). What headers
 cannot show, flipped bits inside tensor data, goes unnoticed: safetensors stores no checksums.
+
+The one tensor data read: a model with aux-loss-free balancing (`router_bias_update_rate > 0`) gets a summary of each
+router's `expert_bias` (E numbers per layer, read by name), so that one can see whether training moved it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -24,7 +28,8 @@ def add_parser(subparsers, name: str) -> None:
         help="describe an MoE model folder and check its weights",
         description="Describe an hf_moe model folder (or Hub id) from its config, and check its safetensors weights: "
         "every header readable and complete, every tensor the config implies present with its shape (headers only; "
-        "no tensor data is read). A folder that fails the check is an error (exit code 2).",
+        "no tensor data is read). A folder that fails the check is an error (exit code 2). A model with aux-loss-free "
+        "balancing also gets min / max / norm of each router's saved expert bias.",
     )
     parser.add_argument("path", metavar="PATH", help="model folder or Hub id")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -82,12 +87,20 @@ def describe(path: str) -> dict:
             "type": config.aux_loss_type,
             "label": _label(BALANCE_LOSSES, config.aux_loss_type),
             "coef": config.aux_loss_coef if config.router_type in ROUTERS else config.router_aux_loss_coef,
+            "scope": config.aux_loss_scope,
         },
+        "router_bias_update_rate": config.router_bias_update_rate,
         "z_loss_coef": config.router_z_loss_coef,
         "expert_dropout": config.expert_dropout,
         "parameters": config.parameter_counts(),
         "weights": weights,
     }
+    if config.router_bias_update_rate > 0:
+        summary["expert_bias"] = (
+            {"read": True, "layers": expert_bias_summary(folder, weights["files"])}
+            if weights["checked"]
+            else {"read": False, "why": weights["why"]}
+        )
     report = folder / REPORT_FILENAME
     if report.is_file():
         made = json.loads(report.read_text())
@@ -158,6 +171,31 @@ def check_weights(folder: Path, config=None, *, option: str = "PATH") -> dict:
     return checked
 
 
+def expert_bias_summary(folder: Path, files: list[str]) -> dict[str, dict[str, float]]:
+    """Router (its tensor name without `.expert_bias`) -> min, max and L2 norm of its saved expert bias, routers in
+    model order; `files` are the safetensors files `check_weights` found readable."""
+    import numpy as np
+    from safetensors import safe_open
+
+    summary = {}
+    for name in files:
+        with safe_open(folder / name, framework="numpy") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open objects are not iterable
+                if key.endswith(".expert_bias"):
+                    bias_E = weights.get_tensor(key).astype(np.float64)
+                    summary[key.removesuffix(".expert_bias")] = {
+                        "min": float(bias_E.min()),
+                        "max": float(bias_E.max()),
+                        "norm": float(np.linalg.norm(bias_E)),
+                    }
+    return dict(sorted(summary.items(), key=lambda item: _natural_key(item[0])))
+
+
+def _natural_key(name: str) -> list:
+    # safetensors lists keys alphabetically ("h.10" before "h.2"); layers read better in order
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _expected_tensors(config) -> dict | None:
     """{names sharing one tensor, without the base model prefix: (first name as the model has it, shape)} for the
     model `config.architectures` names, built on the meta device (no memory, no init), plus "__prefix__": the base
@@ -210,6 +248,20 @@ def _capacity_line(summary: dict) -> str:
     )
 
 
+def _print_bias_balancing(summary: dict) -> None:
+    rate = summary["router_bias_update_rate"]
+    if not rate:
+        print("  bias balancing: off")
+        return
+    # the bias is a buffer no optimizer touches: say what moves it
+    print(f"  bias balancing: rate {rate} per optimizer step (moved by hf_moe's MoeTrainer / RouterBalancingCallback)")
+    bias = summary["expert_bias"]
+    if not bias["read"]:
+        print(f"    expert bias: not read ({bias['why']})")
+    for router, stats in bias.get("layers", {}).items():
+        print(f"    {router}.expert_bias: min {stats['min']:.4g}, max {stats['max']:.4g}, norm {stats['norm']:.4g}")
+
+
 def run(args: argparse.Namespace) -> int:
     summary = describe(args.path)
     if args.json:
@@ -227,7 +279,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"  router: {summary['router_type']} ({summary['router_label']}){settings}")
     print(f"  capacity: {_capacity_line(summary)}")
     aux = summary["aux_loss"]
-    print(f"  losses: {aux['type']} ({aux['label']}) x {aux['coef']}, z-loss x {summary['z_loss_coef']}")
+    print(
+        f"  losses: {aux['type']} ({aux['label']}) x {aux['coef']}, scope {aux['scope']}, "
+        f"z-loss x {summary['z_loss_coef']}"
+    )
+    _print_bias_balancing(summary)
     print(
         f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token "
         f"({counts['experts']:,} in experts)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_moe_layer_options, non_negative_float, positive_int
+from . import add_balancing_options, add_moe_layer_options, non_negative_float, positive_int
 from .moefy import ROUTER_HELP, _check_name, _check_out, _source_license
 
 
@@ -52,6 +52,7 @@ def add_parser(subparsers, name: str) -> None:
         default=None,
         help="router_aux_loss_coef (default: the router's)",
     )
+    add_balancing_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder")
     parser.add_argument(
         "--license", metavar="ID", default=None, help="license for the model card (default: the sources' common one)"
@@ -103,6 +104,8 @@ def _merge_and_save(args: argparse.Namespace):
     overrides = {
         "normalize_top_k_weights": args.normalize_top_k_weights,
         "router_aux_loss_coef": args.aux_loss_coef,
+        "aux_loss_scope": args.aux_loss_scope,
+        "router_bias_update_rate": args.router_bias_update_rate,
     }
     model = merge_experts(
         located,

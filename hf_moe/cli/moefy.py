@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_moe_layer_options, non_negative_float, positive_float, positive_int
+from . import add_balancing_options, add_moe_layer_options, non_negative_float, positive_float, positive_int
 
 # The registries (routers, balance losses, drop policies, capacity scopes, init methods) import torch, so they are not
 # argparse `choices`: the help names the built-in entries, and `run` checks the value against the registry itself,
@@ -199,6 +199,7 @@ def add_parser(subparsers, name: str) -> None:
         help="router_aux_loss_coef (default: the router's: 0.01 for topk, noisy_topk; "
         "0 for hash, base, dense_to_sparse, expert_choice)",
     )
+    add_balancing_options(parser)
     parser.add_argument(
         "--z-loss-coef", metavar="X", type=non_negative_float, default=None, help="router_z_loss_coef (default: 0.001)"
     )
@@ -290,7 +291,9 @@ def _convert_and_save(args: argparse.Namespace):
         "capacity_scope": args.capacity_scope,
         "drop_policy": args.drop_policy,
         "aux_loss_type": args.aux_loss_type,
+        "aux_loss_scope": args.aux_loss_scope,
         "router_aux_loss_coef": args.aux_loss_coef,
+        "router_bias_update_rate": args.router_bias_update_rate,
         "router_z_loss_coef": args.z_loss_coef,
         "expert_dropout": args.expert_dropout,
         "normalize_top_k_weights": args.normalize_top_k_weights,

@@ -53,6 +53,14 @@ _INIT_METHOD_NAMES = {
     "btx": "expert i is source model i's FFN; every other weight the sources' mean (Branch-Train-MiX)",
     "granular": "each dense FFN cut into G shards, each copied E/G times, routed by virtual groups (He et al. 2024)",
 }
+# aux_loss_scope -> what the card says; "micro_batch", the usual per-forward loss, gets no row
+_AUX_LOSS_SCOPE_NAMES = {
+    "global_batch": "expert loads counted over the global batch, every micro-batch and data-parallel rank of an "
+    "optimizer step (Qiu et al. 2025)",
+    "sequence": "the loss of each sequence, averaged over sequences (sequence-wise balance loss, DeepSeek-V3)",
+}
+# training code that moves per-step balancing state (a plain Trainer runs no hook once per optimizer step for it)
+_BALANCER = "hf_moe's `MoeTrainer` or `RouterBalancingCallback`"
 _ROUTER_INIT_NAMES = {
     "kmeans": "rows along the k-means centroids of each layer's FFN inputs on calibration text",
     "hidden_prompts": "rows along the mean FFN input of each expert's prompts (mergekit-moe style)",
@@ -218,9 +226,29 @@ def _routing_rows(config) -> list[tuple[str, str]]:
             f"`{config.aux_loss_type}`: {_registry_label(BALANCE_LOSSES, config.aux_loss_type)}, "
             f"coefficient {_aux_loss_coef(config)}",
         ),
+        *_balancing_rows(config),
         ("Router z-loss coefficient", str(config.router_z_loss_coef)),
         ("Expert dropout", str(config.expert_dropout)),
     ]
+
+
+def _balancing_rows(config) -> list[tuple[str, str]]:
+    rows = []
+    if config.aux_loss_scope != "micro_batch":
+        scope = f"`{config.aux_loss_scope}`: {_AUX_LOSS_SCOPE_NAMES[config.aux_loss_scope]}"
+        if config.aux_loss_scope == "global_batch":
+            scope += f"; the count restarts at each optimizer step when training with {_BALANCER}"
+        rows.append(("Load-balancing loss scope", scope))
+    if config.router_bias_update_rate > 0:
+        rows.append(
+            (
+                "Aux-loss-free balancing",
+                f"a per-expert bias on the selection scores (not on the combine weights), moved after each optimizer "
+                f"step by {config.router_bias_update_rate} towards balance (Wang et al. 2024; DeepSeek-V3); it moves "
+                f"only when training with {_BALANCER}",
+            )
+        )
+    return rows
 
 
 def _experts_per_token(config) -> str:

@@ -81,18 +81,23 @@ def restates(parent: str, source_sha256: str):
 class KeepsFloat32Buffers:
     """Mixin for an `nn.Module` whose `float32_buffers` stay float32 through `.to(dtype)`, `.half()`, `.bfloat16()`.
 
-    Counters are sums over many forwards: in bfloat16 a count stops growing at 256. `Module._apply` is what every
-    dtype/device cast goes through (torchmetrics overrides it for its states too).
+    Counters are sums over many forwards: in bfloat16 a count stops growing at 256; an expert bias moves in steps of
+    ~1e-3, which bfloat16 rounds. `Module._apply` is what every dtype/device cast goes through (torchmetrics overrides
+    it for its states too). A cast that changed the dtype is replaced by the float32 original on the new device, so
+    the values survive exactly, not just the dtype.
     """
 
     float32_buffers: ClassVar[tuple[str, ...]] = ()
 
     def _apply(self, fn, recurse=True):
+        originals = {name: self._buffers.get(name) for name in self.float32_buffers}
         result = super()._apply(fn, recurse)
-        for name in self.float32_buffers:
+        for name, original in originals.items():
             buffer = self._buffers.get(name)
-            if buffer is not None and buffer.dtype != torch.float32:
-                self._buffers[name] = buffer.float()
+            if buffer is None or buffer.dtype == torch.float32:
+                continue
+            keeps_values = original is not None and original.dtype == torch.float32
+            self._buffers[name] = original.to(buffer.device) if keeps_values else buffer.float()
         return result
 
 

@@ -48,6 +48,9 @@ class MoePreTrainedMixin(PrivateModelHooks):
     # True on the classes whose parent's forward records outputs (`@capture_outputs`: GPT-2's model, T5's stacks):
     # their recorders are installed at init, so a compiled forward never has to install them
     _records_outputs: bool = False
+    # the aux-loss-free balancing bias loads as float32 under any `dtype=`: its steps of ~1e-3 vanish in bfloat16 (the
+    # router keeps it float32 through `.to(dtype)` too, `_compat.KeepsFloat32Buffers`)
+    _keep_in_fp32_modules_strict = ["router.expert_bias"]
 
     def post_init(self):
         super().post_init()

@@ -38,7 +38,7 @@ def domains(tmp_path):
 def test_merge_inspect_and_load_round_trip(domains, tmp_path, capsys):
     out = tmp_path / "btx"
     argv = ["merge", *map(str, domains), str(out), "--top-k", "2", "--moe-layers", "1", "--seed", "3"]
-    assert main(argv) == 0
+    assert main([*argv, "--router-bias-update-rate", "0.001", "--aux-loss-scope", "sequence"]) == 0
     assert f"wrote {out}: GPT2MoeForCausalLM, 3 experts (one per source), top-2" in capsys.readouterr().out
     files = {path.name for path in out.iterdir()}
     assert {"config.json", "model.safetensors", "README.md", REPORT_FILENAME, "tokenizer.json"} <= files
@@ -61,6 +61,8 @@ def test_merge_inspect_and_load_round_trip(domains, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["moe_layers"] == {"layers": [1]} and summary["experts_per_layer"] == 3
     assert summary["weights"]["checked"] is True
+    assert summary["aux_loss"]["scope"] == "sequence" and summary["router_bias_update_rate"] == 0.001
+    assert summary["expert_bias"]["layers"] == {"transformer.h.1.mlp.router": {"min": 0.0, "max": 0.0, "norm": 0.0}}
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     experts = model.transformer.h[1].mlp.experts

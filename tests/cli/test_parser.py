@@ -105,6 +105,8 @@ def test_the_defaults_the_help_states_are_the_library_defaults(capsys):
         ("--capacity-scope", "capacity_scope"),
         ("--drop-policy", "drop_policy"),
         ("--aux-loss-type", "aux_loss_type"),
+        ("--aux-loss-scope", "aux_loss_scope"),
+        ("--router-bias-update-rate", "router_bias_update_rate"),
         ("--z-loss-coef", "router_z_loss_coef"),
     ):
         after = text.split(option, 2)[-1]  # the option's line in the help body, after the usage line
@@ -119,6 +121,10 @@ def test_the_defaults_the_help_states_are_the_library_defaults(capsys):
         for name in names.split(",")
     }
     assert stated_coefs == {name: entry.router_class.default_aux_loss_coef for name, entry in ROUTERS.items()}
+    # the routers --router-bias-update-rate names are the ones that take an expert bias
+    after = " ".join(text.split("--router-bias-update-rate", 2)[-1].split(" --", 1)[0].split())
+    stated = after.split("for the routers ", 1)[1].split(":", 1)[0]  # "topk, noisy_topk"
+    assert set(stated.split(", ")) == {n for n, e in ROUTERS.items() if e.router_class.supports_expert_bias}
 
 
 def test_the_layer_spec_summary_matches_the_library():

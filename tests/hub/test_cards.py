@@ -203,3 +203,27 @@ def test_router_init_and_merge_reports_say_how_the_moe_was_made(tmp_path):
     assert "| Expert 1 | the feed-forward networks of `me/code` |" in text and "Branch-Train-MiX" in text
     assert "Source model" not in text and "upcycling" not in card.data.tags
     assert card.data.base_model_relation == "merge" and {"merge", "branch-train-mix"} <= set(card.data.tags)
+
+
+def test_balancing_scope_and_expert_bias_are_on_the_card_only_when_set(tmp_path):
+    # DeepSeek-V3's recipe: the bias balances, a small sequence-wise loss is opted into with a coefficient
+    config = tiny_gpt2_moe_config(router_bias_update_rate=0.002, aux_loss_scope="sequence", router_aux_loss_coef=1e-4)
+    _, text = saved_card(tmp_path, config)
+    assert "| Load-balancing loss | `switch`: Switch load balancing (Fedus et al. 2021), coefficient 0.0001 |" in text
+    assert "| Load-balancing loss scope | `sequence`: the loss of each sequence, averaged over sequences" in text
+    (bias_row,) = [line for line in text.splitlines() if line.startswith("| Aux-loss-free balancing |")]
+    assert "by 0.002 towards balance (Wang et al. 2024; DeepSeek-V3)" in bias_row
+    assert "`MoeTrainer` or `RouterBalancingCallback`" in bias_row  # a plain Trainer leaves the bias where it is
+
+    # the bias alone: its coefficient defaults to 0, the scope stays the usual one
+    _, text = saved_card(tmp_path, tiny_gpt2_moe_config(router_bias_update_rate=0.002))
+    assert "coefficient 0.0 |" in text and "| Load-balancing loss scope |" not in text
+
+    _, text = saved_card(tmp_path, tiny_gpt2_moe_config(aux_loss_scope="global_batch"))
+    (scope_row,) = [line for line in text.splitlines() if line.startswith("| Load-balancing loss scope |")]
+    assert scope_row.startswith("| Load-balancing loss scope | `global_batch`: ") and "(Qiu et al. 2025)" in scope_row
+    assert "RouterBalancingCallback" in scope_row  # the count restarts at each optimizer step only with it
+    assert "| Aux-loss-free balancing |" not in text and "coefficient 0.01 |" in text
+
+    _, text = saved_card(tmp_path, tiny_gpt2_moe_config())  # the defaults add no row
+    assert "Load-balancing loss scope" not in text and "Aux-loss-free" not in text

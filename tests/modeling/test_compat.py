@@ -34,8 +34,11 @@ def test_keeps_float32_buffers_through_module_apply():
             self.register_buffer("count", torch.zeros(()))
             self.register_buffer("other", torch.zeros(()))
 
-    module = Counter().to(torch.bfloat16)
+    module = Counter()
+    module.count.fill_(1 + 2**-10)  # bfloat16 rounds this to 1
+    module = module.to(torch.bfloat16)
     assert module.count.dtype == torch.float32 and module.other.dtype == torch.bfloat16
+    assert module.count.item() == 1 + 2**-10  # the values survive the cast, not only the dtype
 
 
 def test_private_model_hooks_exist_with_their_arguments():
