@@ -81,6 +81,28 @@ def test_fullgraph_compiled_forward_matches_eager_with_inductor():
 
 
 @pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
+@pytest.mark.parametrize(
+    "fields",
+    [dict(router_bias_update_rate=0.01), dict(aux_loss_scope="sequence"), dict(aux_loss_scope="global_batch")],
+    ids=["bias", "sequence", "global_batch"],
+)
+def test_fullgraph_compiled_training_step_with_per_step_balancing(fields):
+    # the expert load, the sequence-wise vmap and the global batch's counts all trace without a graph break
+    model = tiny("gpt2", **fields).train()
+    batch = inputs_for(model)
+    eager_loss = copy.deepcopy(model)(**batch, labels=batch["input_ids"]).loss
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    loss = compiled(**batch, labels=batch["input_ids"]).loss
+    torch.testing.assert_close(loss, eager_loss)
+    loss.backward()
+    assert all(router.weight.grad is not None for _, router in hf_moe.modeling.moe_routers(model))
+    if "router_bias_update_rate" in fields:  # the compiled forward filled the expert load: k slots per token
+        assert all(block.router.expert_load.sum().item() == 2 * 12 for _, block in moe_blocks(model))
+    if fields.get("aux_loss_scope") == "global_batch":
+        assert all(block.losses.global_slots.item() == 2 * 12 for _, block in moe_blocks(model))
+
+
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fullgraph_compiled_training_step_and_generation(family):
     # the "eager" backend: dynamo traces the whole graph (fullgraph fails on any graph break), no codegen time
