@@ -6,8 +6,11 @@ Depends on `hf_moe.modeling` only (through the MoE blocks' counters and the rout
 from .callbacks import LoadBalanceCallback
 from .load_balance import (
     CounterAccumulator,
+    RouterProbe,
     collect_moe_metrics,
     counter_reduce_group,
+    enable_router_diagnostics,
+    expert_bias_metrics,
     layer_metrics,
     metrics_from_counts,
     moe_blocks,
@@ -55,6 +58,7 @@ __all__ = [
     "RouterBalance",
     "RouterBalancer",
     "RouterBalancingCallback",
+    "RouterProbe",
     "ShardedCheckpointMixin",
     "anneal",
     "apply_moe_preset",
@@ -62,6 +66,8 @@ __all__ = [
     "collect_moe_metrics",
     "counter_reduce_group",
     "create_moe_optimizer",
+    "enable_router_diagnostics",
+    "expert_bias_metrics",
     "default_text_files",
     "history_from_log_history",
     "language_model_loss",

@@ -18,11 +18,23 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..modeling.moe_parts import moe_routers
-from .load_balance import CounterAccumulator, counter_reduce_group, layer_metrics, metrics_from_counts, moe_blocks
+from .load_balance import (
+    CounterAccumulator,
+    RouterProbe,
+    counter_reduce_group,
+    enable_router_diagnostics,
+    expert_bias_metrics,
+    layer_metrics,
+    metrics_from_counts,
+    moe_blocks,
+    per_layer_metrics,
+)
 
 __all__ = ["LoadBalanceCallback"]
 
 logger = logging.getLogger(__name__)
+
+_BIAS_NAMES = ("bias_norm", "bias_min", "bias_max")
 
 
 def _eval_prefix(logs: dict) -> str | None:
@@ -53,22 +65,33 @@ class LoadBalanceCallback(TrainerCallback):
     Training logs get `moe/layer_{i:02d}/{name}` and `moe/{name}` (see `hf_moe.training.load_balance.layer_metrics`
     for the names), counted over the steps since the previous log; evaluation logs get the same under
     `{metric_key_prefix}_moe/...` (`eval_moe/...`), counted over that evaluation pass only. Counts are summed over
-    data-parallel ranks. At the end of training, a heatmap of token fractions (layer x expert) and a plot of load
-    imbalance over steps are saved in `args.output_dir` and sent to TensorBoard when it is a reporting integration.
+    data-parallel ranks. At the end of training, a heatmap of token fractions (layer x expert) and plots of load
+    imbalance and load diversity over steps (and of the expert bias, with bias balancing) are saved in
+    `args.output_dir` and sent to TensorBoard when it is a reporting integration.
+
+    Router diagnostics (`router_diagnostics=True`): the blocks count the top-k boundary margin (`topk_margin_mean`,
+    `topk_margin_p05`, also in evaluation logs), and each training log adds the routing stability of a fixed probe of
+    at most 512 tokens per layer (`topk_changed_fraction`, from the second log on; `load_balance.RouterProbe`) and,
+    for routers balanced by an expert bias, `bias_norm`, `bias_min`, `bias_max` and `moe/bias_norm`.
 
     Args:
         log_per_expert: also log each expert's token fraction (`token_fraction_expert_{e:02d}`), E scalars per layer.
         save_plots: save the pictures at the end of training (needs matplotlib: `pip install hf-moe[plot]`).
+        router_diagnostics: count and log the router diagnostics above (turns on the blocks' `diagnostics`).
     """
 
-    def __init__(self, log_per_expert: bool = True, save_plots: bool = True):
+    def __init__(self, log_per_expert: bool = True, save_plots: bool = True, router_diagnostics: bool = True):
         self.log_per_expert = log_per_expert
         self.save_plots = save_plots
-        # one entry per training log: {"step", "token_fraction" (L lists of E floats), "load_imbalance" (L floats)}
+        self.router_diagnostics = router_diagnostics
+        # one entry per training log: {"step", "token_fraction" (L lists of E floats), "load_imbalance",
+        # "load_diversity" (L floats), and with bias balancing "bias_norm", "bias_min", "bias_max" (L floats, NaN for
+        # layers without a bias)}
         self.history: list[dict] = []
         self._handler = None  # the Trainer's CallbackHandler, once attached
         self._train: CounterAccumulator | None = None
         self._eval: CounterAccumulator | None = None
+        self._probe: RouterProbe | None = None
 
     # ---- placement and binding ----
     def attach_to(self, trainer) -> LoadBalanceCallback:
@@ -88,6 +111,11 @@ class LoadBalanceCallback(TrainerCallback):
             logger.warning("LoadBalanceCallback: the model has no MoE blocks; nothing will be logged.")
         group = counter_reduce_group(model) if model is not None else None
         self._train, self._eval = CounterAccumulator(blocks, group), CounterAccumulator(blocks, group)
+        if self._probe is not None:
+            self._probe.remove()
+        self._probe = RouterProbe(blocks, group=group) if self.router_diagnostics else None
+        if self.router_diagnostics and model is not None:
+            enable_router_diagnostics(model)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._bind(model)
@@ -98,6 +126,8 @@ class LoadBalanceCallback(TrainerCallback):
         self._train.harvest()
         self._train.reset()
         self.history = []
+        if self._probe is not None:
+            self._probe.arm()
         if self.save_plots and state.is_world_process_zero:
             try:
                 import matplotlib  # noqa: F401
@@ -145,7 +175,11 @@ class LoadBalanceCallback(TrainerCallback):
             counts = self._train.reduce_and_reset()
             metrics = metrics_from_counts(counts, prefix="moe", per_expert=self.log_per_expert)
             metrics.update(_router_temperature(model))
-            self._record(state.global_step, counts)
+            bias = expert_bias_metrics(self._train.blocks) if self.router_diagnostics else []
+            if self._probe is not None:
+                metrics.update(per_layer_metrics(self._probe.changed_fractions(), means=("topk_changed_fraction",)))
+            metrics.update(per_layer_metrics(bias, means=("bias_norm",)))
+            self._record(state.global_step, counts, bias)
         else:
             return
         logs.update(metrics)
@@ -158,14 +192,18 @@ class LoadBalanceCallback(TrainerCallback):
         ):
             last.update(metrics)
 
-    def _record(self, step: int, counts: list[dict]) -> None:
-        fractions, imbalance = [], []
+    def _record(self, step: int, counts: list[dict], bias: list[dict]) -> None:
+        fractions, imbalance, diversity = [], [], []
         for layer_counts in counts:
             layer = layer_metrics(layer_counts, per_expert=True)
             num_experts = layer_counts["routed_tokens_per_expert"].numel()
             fractions.append([layer.get(f"token_fraction_expert_{e:02d}", math.nan) for e in range(num_experts)])
             imbalance.append(layer.get("load_imbalance", math.nan))
-        self.history.append({"step": step, "token_fraction": fractions, "load_imbalance": imbalance})
+            diversity.append(layer.get("load_diversity", math.nan))
+        entry = {"step": step, "token_fraction": fractions, "load_imbalance": imbalance, "load_diversity": diversity}
+        if any(bias):
+            entry.update({name: [layer.get(name, math.nan) for layer in bias] for name in _BIAS_NAMES})
+        self.history.append(entry)
 
     # ---- pictures ----
     def tensorboard_writer(self):
@@ -178,12 +216,15 @@ class LoadBalanceCallback(TrainerCallback):
         return None
 
     def plot(self, output_dir: str | Path, tb_writer=None, step: int | None = None) -> list[Path]:
-        """Save the heatmap and the imbalance plot of the training so far in `output_dir` (and to `tb_writer`)."""
+        """Save the pictures of the training so far in `output_dir` (and to `tb_writer`): the heatmap, imbalance and
+        diversity over steps, and the expert bias over steps when a router balances with one."""
         from .plots import save_load_balance_plots
 
         return save_load_balance_plots(self.history, output_dir, tb_writer=tb_writer, step=step)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._probe is not None:
+            self._probe.remove()  # a later train() arms it again
         if not (self.save_plots and self.history and state.is_world_process_zero):
             return
         try:

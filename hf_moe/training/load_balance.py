@@ -15,6 +15,11 @@ so the experts' owner never counts a token again (`counter_reduce_group`).
 
 Metric names are stable: `moe/layer_{i:02d}/{name}` with `i` the block's position among the model's
 MoE blocks in module order (for T5: the encoder's blocks, then the decoder's), plus model-wide `moe/{name}`.
+
+Router diagnostics (`enable_router_diagnostics`, on under `LoadBalanceCallback`): the top-k boundary margin is counted
+by the blocks like every counter (a sum and a fixed log-spaced histogram, so windows and ranks merge by summing and the
+5th percentile survives the merge); the expert bias (`expert_bias_metrics`) and the routing stability of a fixed probe
+(`RouterProbe`) are read from the routers when a log is written.
 """
 
 from __future__ import annotations
@@ -27,15 +32,22 @@ from torch import nn
 
 from ..modeling._compat import mesh_data_parallel_group
 from ..modeling.moe_parts import moe_blocks
+from ..modeling.routing import RoutingInputs
+from ..modeling.sparse_moe import SparseMoeBlock
 
 __all__ = [
     "CounterAccumulator",
+    "RouterProbe",
     "counter_reduce_group",
     "collect_moe_metrics",
+    "enable_router_diagnostics",
+    "expert_bias_metrics",
     "layer_metrics",
     "metrics_from_counts",
     "model_summary",
     "moe_blocks",
+    "per_layer_metrics",
+    "topk_margin_quantile",
 ]
 
 
@@ -111,6 +123,37 @@ class CounterAccumulator:
         ]
 
 
+def enable_router_diagnostics(model: nn.Module, enabled: bool = True) -> None:
+    """Turn the blocks' router diagnostics (the top-k margin counters) on or off for every MoE block of `model`.
+
+    Off by default, so that training and inference without `LoadBalanceCallback` pay nothing; on, each counted forward
+    of a token-choice top-k layer costs one top-(k+1) over the routing scores and a 64-bin scatter, with no host sync.
+    Blocks saved by hf_moe 0.1 (remote code) have no such counters and are left alone.
+    """
+    for _, block in moe_blocks(model):
+        if hasattr(block, "diagnostics"):
+            block.diagnostics = enabled
+
+
+def topk_margin_quantile(histogram_B: torch.Tensor, q: float) -> float:
+    """The `q`-quantile of the margins counted in a `topk_margin_histogram` (the bins of `SparseMoeBlock`),
+    interpolated inside its bin (log-linearly; linearly in bin 0, [0, TOPK_MARGIN_MIN)): exact to one bin, a factor
+    1.25. NaN for an empty histogram."""
+    counts = histogram_B.double().tolist()
+    rank = q * sum(counts)
+    low = math.log10(SparseMoeBlock.TOPK_MARGIN_MIN)
+    step = -low / (len(counts) - 1)
+    cumulative = 0.0
+    for index, count in enumerate(counts):
+        if count > 0 and cumulative + count >= rank:
+            fraction = (rank - cumulative) / count
+            if index == 0:
+                return fraction * SparseMoeBlock.TOPK_MARGIN_MIN
+            return 10.0 ** (low + (index - 1 + fraction) * step)
+        cumulative += count
+    return math.nan
+
+
 def layer_metrics(counts: dict[str, torch.Tensor], per_expert: bool = True) -> dict[str, float]:
     """One layer's metrics from its summed counters; {} when the window saw no forward of this layer.
 
@@ -127,6 +170,11 @@ def layer_metrics(counts: dict[str, torch.Tensor], per_expert: bool = True) -> d
     - unrouted_fraction: share of tokens no expert processed (expert choice; capacity drops of every slot)
     - balanced_forward_fraction: share of forwards whose per-expert loads differ by at most 1 token (BASE layers
       in training: 1.0; per rank under data parallelism)
+    - load_diversity: exp(entropy of the assignment distribution over experts) / E, the effective number of experts
+      in use as a share of E: 1 is uniform load, 1/E everything on one expert
+    - topk_margin_mean, topk_margin_p05: mean and 5th percentile over tokens of the gap between the k-th and the
+      (k+1)-th selection score (routing probability, plus the expert bias with bias balancing); only with router
+      diagnostics on, for token-choice top-k layers with k < E
     """
     routed_E = counts["routed_tokens_per_expert"].double()
     total = routed_E.sum().item()
@@ -151,6 +199,12 @@ def layer_metrics(counts: dict[str, torch.Tensor], per_expert: bool = True) -> d
         metrics["experts_per_token"] = counts["kept_slots_sum"].item() / num_tokens
         metrics["unrouted_fraction"] = counts["tokens_without_expert"].item() / num_tokens
         metrics["balanced_forward_fraction"] = counts["balanced_forwards"].item() / num_forwards
+    fraction_E = routed_E / total
+    metrics["load_diversity"] = math.exp(torch.special.entr(fraction_E).sum().item()) / routed_E.numel()
+    histogram_B = counts.get("topk_margin_histogram")
+    if histogram_B is not None and histogram_B.sum().item() > 0:  # diagnostics on, a layer with a top-k boundary
+        metrics["topk_margin_mean"] = counts["topk_margin_sum"].item() / histogram_B.sum().item()
+        metrics["topk_margin_p05"] = topk_margin_quantile(histogram_B, 0.05)
     return metrics
 
 
@@ -160,13 +214,15 @@ def model_summary(
     """Model-wide `moe/...` summaries over the layers that saw tokens.
 
     Means over layers (load_imbalance, cv, router_entropy, aux_loss, z_loss: the model's own aux loss is a mean over
-    layers too), the worst layer (load_imbalance_max), totals (dead_experts) and a pooled ratio (dropped_fraction).
+    layers too; load_diversity; the top-k margins over the layers that have them), the worst layer
+    (load_imbalance_max), totals (dead_experts) and a pooled ratio (dropped_fraction).
     """
     active = [(m, c) for m, c in zip(per_layer, per_layer_counts, strict=True) if m]
     if not active:
         return {}
     summary = {}
-    for name in ("load_imbalance", "cv", "router_entropy", "aux_loss", "z_loss", "experts_per_token"):
+    means = ("load_imbalance", "cv", "router_entropy", "aux_loss", "z_loss", "experts_per_token", "load_diversity")
+    for name in means + ("topk_margin_mean", "topk_margin_p05"):
         values = [m[name] for m, _ in active if name in m and not math.isnan(m[name])]
         if values:
             summary[name] = sum(values) / len(values)
@@ -188,6 +244,139 @@ def metrics_from_counts(
         metrics.update({f"{prefix}/layer_{index:02d}/{name}": value for name, value in layer.items()})
     metrics.update({f"{prefix}/{name}": value for name, value in model_summary(per_layer, per_layer_counts).items()})
     return metrics
+
+
+def per_layer_metrics(per_layer: list[dict[str, float]], prefix: str = "moe", means: tuple[str, ...] = ()) -> dict:
+    """Flat `{prefix}/layer_{i:02d}/{name}` metrics from one dict per block (empty for a block without them), and
+    `{prefix}/{name}` for each name in `means`: its mean over the layers that have it."""
+    metrics = {}
+    for index, layer in enumerate(per_layer):
+        metrics.update({f"{prefix}/layer_{index:02d}/{name}": value for name, value in layer.items()})
+    for name in means:
+        values = [layer[name] for layer in per_layer if name in layer]
+        if values:
+            metrics[f"{prefix}/{name}"] = sum(values) / len(values)
+    return metrics
+
+
+def expert_bias_metrics(blocks: list[nn.Module]) -> list[dict[str, float]]:
+    """Per block, the expert bias of aux-loss-free balancing as it stands: bias_norm (L2 norm over the experts),
+    bias_min, bias_max; {} for a block whose router balances without one. One host copy for all the layers."""
+    biases = [block.router.expert_bias for block in blocks if getattr(block.router, "balances_with_bias", False)]
+    if not biases:
+        return [{} for _ in blocks]
+    values = iter(torch.stack([torch.stack([b.norm(), b.min(), b.max()]) for b in biases]).double().cpu().tolist())
+    return [
+        dict(zip(("bias_norm", "bias_min", "bias_max"), next(values), strict=True))
+        if getattr(block.router, "balances_with_bias", False)
+        else {}
+        for block in blocks
+    ]
+
+
+def _has_topk_boundary(block: nn.Module) -> bool:
+    # as the block's margin counters (`SparseMoeBlock._count_topk_margin`): routers that take the top-k of a per-token
+    # score; the others have no top-k set that a small change could flip
+    return bool(getattr(block.router, "supports_expert_bias", False))
+
+
+class RouterProbe:
+    """Router stability: the share of a fixed set of probe tokens whose top-k expert set changed between two
+    measurements (`topk_changed_fraction`), one measurement per training log.
+
+    The probe of each token-choice top-k layer is the first `max_tokens` (token) rows of the layer's router input in
+    the first counted training forward after `arm()` (padding left out), kept on the device. Each measurement routes
+    it again in evaluation mode (no jitter or noise) without gradients, so what changes is the router itself: its
+    weights, and its expert bias with bias balancing. The first measurement only sets the reference. Under data
+    parallelism each rank probes its own tokens and the counts are summed over ranks (a collective: every rank
+    measures at the same log). Layers whose router parameters are sharded DTensors (FSDP) cannot be routed outside
+    the model's forward and report nothing, as do layers with k >= E.
+    """
+
+    def __init__(self, blocks: list[nn.Module], max_tokens: int = 512, group=None):
+        self.blocks = blocks
+        self.max_tokens = max_tokens
+        self.group = group
+        self.inputs: list[RoutingInputs | None] = [None] * len(blocks)
+        self.previous_TK: list[torch.Tensor | None] = [None] * len(blocks)
+        self._handles: list = []
+
+    def arm(self) -> None:
+        """Forget the probes; capture new ones in the next counted training forward of each layer."""
+        from torch.distributed.tensor import DTensor
+
+        self.remove()
+        self.inputs = [None] * len(self.blocks)
+        self.previous_TK = [None] * len(self.blocks)
+        for index, block in enumerate(self.blocks):
+            router = block.router
+            if _has_topk_boundary(block) and not any(isinstance(p, DTensor) for p in router.parameters()):
+                self._handles.append(router.register_forward_pre_hook(self._capture_hook(index, block)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _capture_hook(self, index: int, block: nn.Module):
+        def hook(router, args):
+            if self.inputs[index] is not None or not (router.training and block.counting):
+                return
+            inputs = args[0]
+            first = slice(0, self.max_tokens)
+            # device copies only: the padding is left out at the first measurement, where a host sync is fine
+            self.inputs[index] = inputs._replace(
+                hidden_TD=inputs.hidden_TD[first].detach().clone(),
+                num_sequences=1,
+                token_mask_T=None if inputs.token_mask_T is None else inputs.token_mask_T[first].clone(),
+                input_ids_T=None if inputs.input_ids_T is None else inputs.input_ids_T[first].clone(),
+            )
+
+        return hook
+
+    @torch.no_grad()
+    def _route(self, index: int) -> torch.Tensor:
+        inputs = self.inputs[index]
+        if inputs.token_mask_T is not None:
+            keep_T = inputs.token_mask_T != 0
+            inputs = inputs._replace(
+                hidden_TD=inputs.hidden_TD[keep_T],
+                token_mask_T=None,
+                input_ids_T=None if inputs.input_ids_T is None else inputs.input_ids_T[keep_T],
+            )
+            self.inputs[index] = inputs
+        router = self.blocks[index].router
+        training = router.training
+        router.train(False)
+        try:
+            # `forward`, not `__call__`: a measurement, not a routing of the model's, so no hook sees it (recorders,
+            # the probe's own capture)
+            top_k_index_TK = router.forward(inputs).top_k_index_TK
+        finally:
+            router.train(training)
+        return top_k_index_TK.sort(dim=-1).values  # a set: the order of the k experts does not matter
+
+    def changed_fractions(self) -> list[dict[str, float]]:
+        """Per block, {"topk_changed_fraction": share of probe tokens whose top-k set changed since the previous
+        call}; {} where there is nothing to compare yet (or no top-k boundary)."""
+        changed_L2 = torch.zeros(len(self.blocks), 2, dtype=torch.float64)  # (changed, probed) per layer
+        for index, block in enumerate(self.blocks):
+            if self.inputs[index] is None or block.router.top_k >= block.num_experts:
+                continue
+            current_TK, previous_TK = self._route(index), self.previous_TK[index]
+            self.previous_TK[index] = current_TK
+            if previous_TK is None:
+                continue
+            # a new k (a schedule) changes every set
+            same = current_TK.shape == previous_TK.shape
+            changed = (current_TK != previous_TK).any(dim=-1).sum().item() if same else current_TK.shape[0]
+            changed_L2[index] = torch.tensor([changed, current_TK.shape[0]], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            device = self.blocks[0].num_tokens.device if self.blocks else torch.device("cpu")
+            summed_L2 = changed_L2.to(device)
+            dist.all_reduce(summed_L2, op=dist.ReduceOp.SUM, group=self.group)
+            changed_L2 = summed_L2.cpu()
+        return [{"topk_changed_fraction": c / n} if n > 0 else {} for c, n in changed_L2.tolist()]
 
 
 def collect_moe_metrics(model: nn.Module, prefix: str = "moe", per_expert: bool = True) -> dict[str, float]:

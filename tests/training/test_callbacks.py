@@ -21,8 +21,21 @@ LAYER_NAMES = {
     "aux_loss",
     "z_loss",
     "tokens",
+    "load_diversity",
+    "topk_margin_mean",
+    "topk_margin_p05",
 }
-SUMMARY_NAMES = {"load_imbalance", "load_imbalance_max", "cv", "router_entropy", "dropped_fraction", "dead_experts"}
+SUMMARY_NAMES = {
+    "load_imbalance",
+    "load_imbalance_max",
+    "cv",
+    "router_entropy",
+    "dropped_fraction",
+    "dead_experts",
+    "load_diversity",
+    "topk_margin_mean",
+    "topk_margin_p05",
+}
 
 
 class WitnessCallback(TrainerCallback):
@@ -92,6 +105,11 @@ def test_metrics_in_log_history(tensorboard_run):
         assert {f"moe/{name}" for name in SUMMARY_NAMES} <= entry.keys()
         assert entry["moe/dropped_fraction"] > 0  # capacity factor 1.0 with 4 experts, top-2 drops some slots
         assert entry["moe/load_imbalance_max"] >= entry["moe/load_imbalance"] >= 1.0
+        assert 0.25 <= entry["moe/load_diversity"] <= 1.0
+        assert not any("bias" in key for key in entry)  # no bias balancing in this run
+    # stability compares with the previous log's probe routing: from the second log on
+    assert "moe/topk_changed_fraction" not in logs[0]
+    assert 0.0 <= logs[1]["moe/layer_00/topk_changed_fraction"] <= 1.0
     # the train-end summary entry gets no MoE metrics
     assert not any(k.startswith("moe/") for k in trainer.state.log_history[-1])
 
@@ -121,6 +139,9 @@ def test_eval_metrics_come_from_the_eval_pass_only(tensorboard_run):
     for entry, window in zip(logs, witness.eval_windows, strict=True):
         assert not any(k.startswith("moe/") for k in entry)
         assert entry["eval_moe/layer_00/tokens"] == 8 * 12  # one pass over the 8 eval sequences
+        # the margins are counted in evaluation too; stability is a training-log measurement
+        assert "eval_moe/layer_00/topk_margin_p05" in entry
+        assert not any("topk_changed_fraction" in key for key in entry)
         for layer, counts in enumerate(window):
             torch.testing.assert_close(fractions(entry, "eval_moe", layer), (counts / counts.sum()).float())
 
@@ -134,19 +155,27 @@ def test_metrics_reach_tensorboard_event_files(tensorboard_run):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     # TensorBoardCallback rewrites "x" to "train/x" and "eval_x" to "eval/x"
-    for name in ("moe/layer_00/load_imbalance", "moe/layer_01/token_fraction_expert_03", "moe/load_imbalance"):
+    for name in (
+        "moe/layer_00/load_imbalance",
+        "moe/layer_01/token_fraction_expert_03",
+        "moe/load_imbalance",
+        "moe/layer_00/load_diversity",
+        "moe/topk_margin_p05",
+    ):
         assert f"train/{name}" in scalars
         assert f"eval/{name}" in scalars
     logged = {e["step"]: e["moe/layer_01/cv"] for e in train_logs(trainer)}
     written = {s.step: s.value for s in events.Scalars("train/moe/layer_01/cv")}
     assert written == pytest.approx(logged)
-    assert {"moe/token_fraction", "moe/load_imbalance"} <= set(events.Tags()["images"])
+    assert {"moe/token_fraction", "moe/load_imbalance", "moe/load_diversity"} <= set(events.Tags()["images"])
+    assert "moe/expert_bias" not in events.Tags()["images"]
 
 
 def test_plots_saved_at_train_end(tensorboard_run):
     _, _, output_dir = tensorboard_run
-    for name in ("moe_token_fraction_heatmap.png", "moe_load_imbalance.png"):
+    for name in ("moe_token_fraction_heatmap.png", "moe_load_imbalance.png", "moe_load_diversity.png"):
         assert (output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (output_dir / "moe_expert_bias.png").exists()  # no bias balancing in this run
 
 
 @pytest.mark.parametrize("how", ["attach_to", "moe_trainer_add_callback"])
