@@ -10,6 +10,7 @@ from tests.parallel.workers import (
     bad_expert_count,
     best_model_is_restored,
     equivalence_and_training,
+    expert_bias_balancing,
     layout_independent_init,
     resume_continues_exactly,
     resume_on_another_layout,
@@ -51,6 +52,12 @@ def test_ep_matches_single_process_for_every_router(family, router, tmp_path):
 def test_ep_on_4_processes_matches_single_process(family, ep_size, tmp_path):
     folder = save_tiny(family, tmp_path / "model")
     run_distributed(equivalence_and_training, family, folder, str(tmp_path), ep_size, world_size=4, timeout=400)
+
+
+def test_expert_bias_balancing_under_ep_matches_single_process(tmp_path):
+    # both families in one launch
+    folders = {family: save_tiny(family, tmp_path / family, router_bias_update_rate=0.05) for family in ("gpt2", "t5")}
+    run_distributed(expert_bias_balancing, folders, str(tmp_path), timeout=300)
 
 
 def test_reset_experts_is_layout_independent(tmp_path):

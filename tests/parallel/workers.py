@@ -21,7 +21,9 @@ from hf_moe.parallel import reset_experts_
 from hf_moe.training import (
     CounterAccumulator,
     LoadBalanceCallback,
+    RouterBalancer,
     counter_reduce_group,
+    enable_router_diagnostics,
     metrics_from_counts,
     moe_blocks,
 )
@@ -98,6 +100,7 @@ def assert_callback_logs_global_counts(model, reference, family: str, rank: int,
     args, state, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), TrainerControl()
     callback = LoadBalanceCallback(save_plots=False)
     callback.on_train_begin(args, state, control, model=model)  # starts a window: what was counted before is dropped
+    enable_router_diagnostics(reference)  # the callback turned on the margin counters of the model it drives
     for module in reference.modules():
         if isinstance(module, hf_moe.SparseMoeBlock):
             module.reset_counters()
@@ -300,3 +303,60 @@ def best_model_is_restored(rank: int, world_size: int, family: str, folder: str,
     assert best is not None and best.endswith("checkpoint-2"), best
     expected = {name: p.detach() for name, p in MODEL_CLASSES[family].from_pretrained(best).named_parameters()}
     assert_close_dicts(full_params(trainer.model), expected, "parameter after load_best_model_at_end")
+
+
+def expert_bias_balancing(rank: int, world_size: int, folders: dict[str, str], out_dir: str) -> None:
+    """Aux-loss-free bias balancing under EP, for each family in `folders` (saved with router_bias_update_rate > 0):
+    `RouterBalancer.step` after each of 3 optimizer steps gives the expert biases the reference gets from both
+    micro-batches, and a consolidated save keeps them (reloaded on one process and under EP).
+
+    Each rank routes its own micro-batch, so the step's loads are the sum over all ranks (`counter_reduce_group`: the
+    default group), the reference's the sum over its two micro-batches.
+    """
+    for family, folder in folders.items():
+        model_class = MODEL_CLASSES[family]
+        model = model_class.from_pretrained(folder, distributed_config=DistributedConfig(**EP2)).train()
+        reference = model_class.from_pretrained(folder).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # SGD: see equivalence_and_training
+        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=1e-3, momentum=0.9)
+        balancer, ref_balancer = RouterBalancer(model), RouterBalancer(reference)
+        assert balancer.routers and len(balancer.routers) == len(ref_balancer.routers)
+        local_update_differs = False
+        for step in range(3):
+            seeded_forward(model, family, world_size * step + rank).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            balancer.step()
+            for index in range(world_size):
+                (seeded_forward(reference, family, world_size * step + index).loss / world_size).backward()
+                ref_balancer.harvest()
+                if index == 0:
+                    first_loads = ref_balancer.loads.clone()
+            step_loads = ref_balancer.loads.clone()
+            ref_optimizer.step()
+            ref_optimizer.zero_grad()
+            ref_balancer.step()
+            for layer, (router, ref_router) in enumerate(zip(balancer.routers, ref_balancer.routers, strict=True)):
+                # exactly: sums of +-rate from whole-number loads
+                expected = ref_router.expert_bias
+                where = f"{family} step {step + 1} layer {layer}"
+                assert torch.equal(full(router.expert_bias), expected), (where, router.expert_bias, expected)
+                # a rank that balanced on its own micro-batch's loads would move otherwise: the check can tell
+                start, end = ref_balancer.offsets[layer : layer + 2]
+                first, total = first_loads[start:end], step_loads[start:end]
+                local_update_differs |= not torch.equal(
+                    torch.sign(first.mean() - first), torch.sign(total.mean() - total)
+                )
+        assert local_update_differs, family
+        biases = [full(router.expert_bias).clone() for router in balancer.routers]
+        assert all(bias.abs().max() > 0 for bias in biases), f"{family}: a bias never moved"
+
+        # the bias is a persistent buffer: the consolidated checkpoint carries it to one process and back to EP
+        saved = os.path.join(out_dir, f"{family}_balanced")
+        model.save_pretrained(saved)
+        dist.barrier()
+        layouts = [None, DistributedConfig(**EP2)] if rank == 0 else [DistributedConfig(**EP2)]
+        for layout in layouts:
+            reloaded = model_class.from_pretrained(saved, distributed_config=layout)
+            for layer, router in enumerate(RouterBalancer(reloaded).routers):
+                assert torch.equal(full(router.expert_bias), biases[layer]), (family, layout, layer)
