@@ -5,6 +5,7 @@
 
 from .conversion import (
     ConversionReport,
+    dense_from_moe,
     from_switch_transformers,
     merge_experts,
     moefy,
@@ -31,7 +32,14 @@ from .modeling import (
     register_router,
 )
 from .registration import register_auto_classes
-from .training import DenseToSparseCallback, LoadBalanceCallback, MoeLoss, MoeTrainer, RouterBalancingCallback
+from .training import (
+    DenseToSparseCallback,
+    DistillationTrainer,
+    LoadBalanceCallback,
+    MoeLoss,
+    MoeTrainer,
+    RouterBalancingCallback,
+)
 
 __version__ = "0.1.0"
 
@@ -40,6 +48,7 @@ register_auto_classes()
 __all__ = [
     "ConversionReport",
     "DenseToSparseCallback",
+    "DistillationTrainer",
     "GPT2MoeConfig",
     "GPT2MoeForCausalLM",
     "GPT2MoeForSequenceClassification",
@@ -60,6 +69,7 @@ __all__ = [
     "T5MoeModel",
     "T5MoePreTrainedModel",
     "__version__",
+    "dense_from_moe",
     "from_switch_transformers",
     "merge_experts",
     "moefy",

@@ -1,7 +1,9 @@
 """Conversions into hf_moe models. moefy: dense GPT-2 / T5 checkpoints -> Mixture-of-Experts models (sparse upcycling
 and friends); merge_experts: several dense models -> one MoE, one expert per model (Branch-Train-MiX); imports
-of other MoE implementations (Switch Transformers); the token -> expert tables of hash layers."""
+of other MoE implementations (Switch Transformers); the token -> expert tables of hash layers; and the way back,
+dense_from_moe: an MoE -> the dense model of its family (a distillation student, the inverse of moefy)."""
 
+from .dense_from_moe import dense_from_moe
 from .hash_tables import (
     balanced_hash_table,
     clustered_hash_table,
@@ -28,6 +30,7 @@ __all__ = [
     "MergeReport",
     "balanced_hash_table",
     "clustered_hash_table",
+    "dense_from_moe",
     "from_switch_transformers",
     "init_experts",
     "kmeans_centroids",

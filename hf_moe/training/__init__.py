@@ -1,9 +1,11 @@
-"""Training with `Trainer`: load-balance callback and pictures, dense-to-sparse schedule, optimizer presets, metrics.
+"""Training with `Trainer`: load-balance callback and pictures, once-per-step router balancing, dense-to-sparse
+schedule, optimizer presets, MoE -> dense distillation, metrics.
 
 Depends on `hf_moe.modeling` only (through the MoE blocks' counters and the router attributes).
 """
 
 from .callbacks import LoadBalanceCallback
+from .distillation import DistillationTrainer, distillation_loss
 from .load_balance import (
     CounterAccumulator,
     RouterProbe,
@@ -52,6 +54,7 @@ __all__ = [
     "MOE_OPTIMIZER_PRESETS",
     "CounterAccumulator",
     "DenseToSparseCallback",
+    "DistillationTrainer",
     "LoadBalanceCallback",
     "MoeLoss",
     "MoeTrainer",
@@ -69,6 +72,7 @@ __all__ = [
     "enable_router_diagnostics",
     "expert_bias_metrics",
     "default_text_files",
+    "distillation_loss",
     "history_from_log_history",
     "language_model_loss",
     "layer_metrics",
