@@ -34,6 +34,7 @@ from .modeling import (
 from .registration import register_auto_classes
 from .training import (
     DenseToSparseCallback,
+    DenseWarmupCallback,
     DistillationTrainer,
     LoadBalanceCallback,
     MoeLoss,
@@ -48,6 +49,7 @@ register_auto_classes()
 __all__ = [
     "ConversionReport",
     "DenseToSparseCallback",
+    "DenseWarmupCallback",
     "DistillationTrainer",
     "GPT2MoeConfig",
     "GPT2MoeForCausalLM",

@@ -1,10 +1,11 @@
 """Training with `Trainer`: load-balance callback and pictures, once-per-step router balancing, dense-to-sparse
-schedule, optimizer presets, MoE -> dense distillation, metrics.
+schedule, optimizer presets, MoE -> dense distillation, dense warm-up, multi-task temperature sampling, metrics.
 
 Depends on `hf_moe.modeling` only (through the MoE blocks' counters and the router attributes).
 """
 
 from .callbacks import LoadBalanceCallback
+from .dense_warmup import DenseWarmupCallback
 from .distillation import DistillationTrainer, distillation_loss
 from .load_balance import (
     CounterAccumulator,
@@ -30,6 +31,7 @@ from .plots import history_from_log_history, save_load_balance_plots
 from .router_balancing import RouterBalancer, RouterBalancingCallback, needs_router_balancing
 from .schedules import DenseToSparseCallback, anneal
 from .sharded_checkpoint import ShardedCheckpointMixin
+from .task_sampling import TaskTemperatureCallback, TemperatureMixture, temperature_proportions
 from .text_data import (
     default_text_files,
     read_corpus,
@@ -54,6 +56,7 @@ __all__ = [
     "MOE_OPTIMIZER_PRESETS",
     "CounterAccumulator",
     "DenseToSparseCallback",
+    "DenseWarmupCallback",
     "DistillationTrainer",
     "LoadBalanceCallback",
     "MoeLoss",
@@ -63,6 +66,8 @@ __all__ = [
     "RouterBalancingCallback",
     "RouterProbe",
     "ShardedCheckpointMixin",
+    "TaskTemperatureCallback",
+    "TemperatureMixture",
     "anneal",
     "apply_moe_preset",
     "classify_moe_parameters",
@@ -86,5 +91,6 @@ __all__ = [
     "save_load_balance_plots",
     "split_documents",
     "stdlib_source_files",
+    "temperature_proportions",
     "train_bpe_tokenizer",
 ]

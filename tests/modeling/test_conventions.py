@@ -71,6 +71,15 @@ def test_a_cast_model_runs_forward_and_generate_and_keeps_float32_counters(famil
 _TORCH_JIT_DEPRECATION = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
 
 
+@pytest.fixture
+def fresh_compiler():
+    """Dynamo's caches emptied before and after: every compiled model of a test adds compilations of the same code
+    objects (the blocks' forwards), and the recompile limit (8) is counted per code object across tests."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
 @pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
 def test_fullgraph_compiled_forward_matches_eager_with_inductor():
     model = tiny("gpt2")
@@ -86,6 +95,7 @@ def test_fullgraph_compiled_forward_matches_eager_with_inductor():
     [dict(router_bias_update_rate=0.01), dict(aux_loss_scope="sequence"), dict(aux_loss_scope="global_batch")],
     ids=["bias", "sequence", "global_batch"],
 )
+@pytest.mark.usefixtures("fresh_compiler")
 def test_fullgraph_compiled_training_step_with_per_step_balancing(fields):
     # the expert load, the sequence-wise vmap and the global batch's counts all trace without a graph break
     model = tiny("gpt2", **fields).train()
@@ -104,6 +114,7 @@ def test_fullgraph_compiled_training_step_with_per_step_balancing(fields):
 
 @pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.usefixtures("fresh_compiler")
 def test_fullgraph_compiled_training_step_and_generation(family):
     # the "eager" backend: dynamo traces the whole graph (fullgraph fails on any graph break), no codegen time
     model = tiny(family).train()
