@@ -16,6 +16,12 @@ labels as they are.
 losses when the student is an hf_moe model). The student's init that the paper found best, its non-expert weights
 copied from the teacher, is `hf_moe.dense_from_moe`.
 
+Staged KD (Rajbhandari et al. 2022, "DeepSpeed-MoE", arXiv 2201.05596, §4.2), `kd_stop_fraction`: the Mixture-of-
+Students found that distilling to the end hurts the student at the end of training, where its smaller capacity cannot
+follow the teacher any more, and stopped KD part-way. The KD weight is alpha while global_step < kd_stop_fraction *
+max_steps and 0 from then on: the loss is the plain cross-entropy (with alpha = 0 above) plus the router losses, and
+the teacher no longer runs. An MoE student made from an MoE teacher is `hf_moe.conversion.mixture_of_students`.
+
 Shape legend: B batch, S sequence, N = B*S label positions, V vocabulary.
 """
 
@@ -40,7 +46,7 @@ IGNORE_INDEX = -100
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
     alpha: float = 0.25,
     temperature: float = 1.0,
@@ -52,6 +58,7 @@ def distillation_loss(
 
     Args:
         student_logits, teacher_logits: (..., S, V), the same shape; computed in float32 on the student's device.
+            teacher_logits may be None only with alpha = 0 (the plain cross-entropy, as after staged KD's cut-over).
         labels: (..., S) token ids, -100 where no token counts (neither term includes those positions).
         alpha: the teacher's share in [0, 1]: 0 is the plain cross-entropy, 1 pure distillation.
         temperature: T > 0 of the softened distributions (the KL term only; the cross-entropy is at T = 1).
@@ -61,7 +68,10 @@ def distillation_loss(
             None: the mean over this micro-batch's label tokens (0 when there are none).
     """
     _check_mix(alpha, temperature)
-    if student_logits.shape != teacher_logits.shape:
+    if teacher_logits is None:
+        if alpha != 0:
+            raise ValueError(f"teacher_logits=None is the plain cross-entropy: alpha must be 0, got {alpha!r}")
+    elif student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits must have one shape (same vocabulary and positions); got student "
             f"{tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
@@ -73,21 +83,24 @@ def distillation_loss(
         )
     if shift_labels:
         # the logits at position i predict token i + 1: the last position has no label, the first label no logits
-        student_logits, teacher_logits = student_logits[..., :-1, :], teacher_logits[..., :-1, :]
-        labels = labels[..., 1:]
+        student_logits, labels = student_logits[..., :-1, :], labels[..., 1:]
+        teacher_logits = None if teacher_logits is None else teacher_logits[..., :-1, :]
     vocab_size = student_logits.shape[-1]
     student_NV = student_logits.reshape(-1, vocab_size).float()
-    teacher_NV = teacher_logits.reshape(-1, vocab_size).to(student_NV.device, torch.float32)
     labels_N = labels.reshape(-1).to(student_NV.device)
     counted_N = labels_N != IGNORE_INDEX
     cross_entropy_N = F.cross_entropy(student_NV, labels_N, ignore_index=IGNORE_INDEX, reduction="none")
-    kl_N = F.kl_div(
-        F.log_softmax(student_NV / temperature, dim=-1),
-        F.log_softmax(teacher_NV / temperature, dim=-1),
-        reduction="none",
-        log_target=True,
-    ).sum(dim=-1)
-    loss_N = alpha * temperature**2 * kl_N + (1.0 - alpha) * cross_entropy_N
+    if teacher_logits is None:
+        loss_N = cross_entropy_N
+    else:
+        teacher_NV = teacher_logits.reshape(-1, vocab_size).to(student_NV.device, torch.float32)
+        kl_N = F.kl_div(
+            F.log_softmax(student_NV / temperature, dim=-1),
+            F.log_softmax(teacher_NV / temperature, dim=-1),
+            reduction="none",
+            log_target=True,
+        ).sum(dim=-1)
+        loss_N = alpha * temperature**2 * kl_N + (1.0 - alpha) * cross_entropy_N
     total = torch.where(counted_N, loss_N, 0.0).sum()
     if num_items_in_batch is None:
         return total / counted_N.sum().clamp_min(1)
@@ -109,6 +122,9 @@ class DistillationTrainer(MoeTrainer):
             dispatched over devices by accelerate (`hf_device_map`), which stays as placed. Its inputs are moved there
             and its logits back to the student's device, in float32.
         teacher_dtype: the dtype the teacher is cast to (e.g. torch.bfloat16 to halve its memory); None: as it is.
+        kd_stop_fraction: staged KD (DeepSpeed-MoE's Mixture-of-Students): a fraction in (0, 1] of the training's
+            `max_steps` after which the KD weight is 0 (`kd_weight_at`); None: alpha for the whole run. Each training
+            log holds the weight of its last step as `distill/kd_weight`.
 
     The student sees every input the batch has (labels taken out: the loss scores them); so does the teacher. Labels
     are shifted for a causal-LM student (a class transformers' Trainer lists as one), not for T5, whose decoder inputs
@@ -126,9 +142,15 @@ class DistillationTrainer(MoeTrainer):
         temperature: float = 1.0,
         teacher_device: torch.device | str | None = None,
         teacher_dtype: torch.dtype | None = None,
+        kd_stop_fraction: float | None = None,
         **kwargs,
     ):
         _check_mix(alpha, temperature)
+        if kd_stop_fraction is not None and not (_is_number(kd_stop_fraction) and 0 < kd_stop_fraction <= 1):
+            raise ValueError(
+                f"kd_stop_fraction (the fraction of max_steps trained with KD) must be in (0, 1] or None, got "
+                f"{kd_stop_fraction!r}"
+            )
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a model (torch.nn.Module), got {type(teacher).__name__}")
         if kwargs.get("compute_loss_func") is not None:
@@ -144,6 +166,7 @@ class DistillationTrainer(MoeTrainer):
             raise ValueError("the teacher must be another model than the student")
         self.alpha = alpha
         self.temperature = temperature
+        self.kd_stop_fraction = kd_stop_fraction
         teacher.eval().requires_grad_(False)
         if teacher_dtype is not None:
             teacher.to(dtype=teacher_dtype)
@@ -172,13 +195,33 @@ class DistillationTrainer(MoeTrainer):
         if student.config.is_encoder_decoder and not decoder_given:
             # Trainer calls the student without labels, so T5 would not make its decoder inputs from them
             inputs = {**inputs, "decoder_input_ids": student.prepare_decoder_input_ids_from_labels(labels=labels)}
-        self._teacher_logits = self._run_teacher(inputs)
+        # after staged KD's cut-over the loss is the plain cross-entropy: the teacher's logits are not needed
+        kd_on = self.kd_stop_fraction is None or self.kd_weight_at(self.state.global_step) > 0
+        self._teacher_logits = self._run_teacher(inputs) if kd_on else None
         try:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         finally:
             self._teacher_logits = None
+
+    def kd_weight_at(self, step: int) -> float:
+        """The KD weight (alpha of `distillation_loss`) of the optimizer step that starts at `global_step = step`:
+        alpha before `kd_stop_fraction * max_steps`, 0 from there on (alpha throughout without staged KD)."""
+        if self.kd_stop_fraction is None:
+            return self.alpha
+        # `args.max_steps` when set; otherwise the count Trainer works out from the epochs when training starts
+        max_steps = self.args.max_steps if self.args.max_steps > 0 else self.state.max_steps
+        if not max_steps or max_steps <= 0:
+            raise ValueError(
+                "staged KD needs the run's max_steps: set args.max_steps, or call this once training runs"
+            )
+        return self.alpha if step < self.kd_stop_fraction * max_steps else 0.0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: the weight of the last step it covers
+            logs = {**logs, "distill/kd_weight": self.kd_weight_at(max(self.state.global_step - 1, 0))}
+        super().log(logs, start_time)
 
     @torch.no_grad()
     def _run_teacher(self, inputs: dict) -> torch.Tensor:
@@ -197,7 +240,7 @@ class DistillationTrainer(MoeTrainer):
             outputs["logits"],
             self._teacher_logits,
             labels,
-            self.alpha,
+            self.alpha if self._teacher_logits is not None else 0.0,
             self.temperature,
             shift_labels=self.shift_labels,
             num_items_in_batch=num_items_in_batch,

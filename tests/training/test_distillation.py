@@ -1,6 +1,6 @@
 """MoE -> dense distillation: the loss against a hand computation, its limits (alpha 0 / 1), the causal shift; the
 trainer's loss, the teacher kept frozen, in eval mode and out of the student's optimizer and checkpoints, gradient
-accumulation, an MoE student's router losses."""
+accumulation, an MoE student's router losses; staged KD (the KD weight, the loss after the cut-over, its log)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
 from hf_moe import DistillationTrainer, dense_from_moe
+from hf_moe.conversion.students import mixture_of_students
 from hf_moe.training import distillation_loss
 
 from .helpers import causal_examples, seq2seq_examples, tiny_gpt2, tiny_t5, training_args
@@ -328,3 +329,81 @@ def test_settings_the_trainer_cannot_honour_are_refused(tmp_path):
         DistillationTrainer(model=student, args=training_args(tmp_path), teacher=student)
     with pytest.raises(TypeError, match="teacher must be a model"):
         DistillationTrainer(model=student, args=training_args(tmp_path), teacher="gpt2")
+
+
+# ---- staged KD (Mixture-of-Students, DeepSpeed-MoE) ---------------------------------------------------------------
+
+
+def mos_trainer(tmp_path, **kwargs):
+    """An MoE student made from an MoE teacher (half its layers, half its experts), its router losses switched on."""
+    torch.manual_seed(0)
+    teacher = tiny_gpt2(n_layer=4, num_experts_per_tok=1)
+    student = mixture_of_students(teacher, "every_other", experts=2)
+    student.config.router_aux_loss_coef, student.config.router_z_loss_coef = 0.5, 0.1
+    args = training_args(tmp_path, **kwargs.pop("args", {}))
+    return DistillationTrainer(model=student, args=args, teacher=teacher, **kwargs), teacher, student
+
+
+def test_the_kd_weight_is_alpha_before_the_cut_over_and_0_from_it(tmp_path):
+    trainer, _, _ = mos_trainer(tmp_path, alpha=0.4, kd_stop_fraction=0.6, args=dict(max_steps=5))
+    # cut-over at 0.6 * 5 = 3 steps: steps 0, 1, 2 distil, steps 3 and 4 do not
+    assert [trainer.kd_weight_at(step) for step in range(5)] == [0.4, 0.4, 0.4, 0.0, 0.0]
+    trainer, _, _ = mos_trainer(tmp_path, alpha=0.4, kd_stop_fraction=1.0, args=dict(max_steps=5))
+    assert [trainer.kd_weight_at(step) for step in range(5)] == [0.4] * 5
+    trainer, _, _ = mos_trainer(tmp_path, alpha=0.4)
+    assert trainer.kd_weight_at(10**6) == 0.4  # no staged KD: alpha throughout
+
+
+def test_after_the_cut_over_the_loss_is_the_plain_cross_entropy_plus_router_losses(tmp_path):
+    trainer, teacher, student = mos_trainer(tmp_path, alpha=0.5, temperature=2.0, kd_stop_fraction=0.5)
+    teacher_calls = []
+    teacher.register_forward_hook(lambda *_: teacher_calls.append(1))
+    batch = batch_of(causal_examples(3))
+    batch["labels"][0, :4] = -100
+    student.eval()
+    outputs = student(batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    router_losses = 0.5 * outputs.aux_loss + 0.1 * outputs.z_loss
+    assert router_losses.item() > 0.01
+
+    trainer.state.global_step = 1  # before the cut at 0.5 * 4 = 2: the distillation loss
+    got = trainer.compute_loss(student, dict(batch))
+    with torch.no_grad():
+        teacher_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    kd = distillation_loss(outputs.logits, teacher_logits, batch["labels"], 0.5, 2.0, shift_labels=True)
+    torch.testing.assert_close(got, kd + router_losses)
+    assert len(teacher_calls) == 2  # the trainer's call and ours
+
+    trainer.state.global_step = 2  # at the cut and after: the causal-LM cross-entropy, by hand
+    logits_NV = outputs.logits[:, :-1].reshape(-1, 99)
+    cross_entropy = F.cross_entropy(logits_NV, batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    for step in (2, 3):
+        trainer.state.global_step = step
+        torch.testing.assert_close(trainer.compute_loss(student, dict(batch)), cross_entropy + router_losses)
+    assert len(teacher_calls) == 2  # the teacher no longer runs
+
+
+def test_training_logs_the_kd_weight_of_each_step(tmp_path):
+    trainer, _, _ = mos_trainer(
+        tmp_path,
+        alpha=0.3,
+        kd_stop_fraction=0.5,
+        train_dataset=causal_examples(16),
+        args=dict(max_steps=4, logging_steps=1),
+    )
+    trainer.train()
+    logged = [log["distill/kd_weight"] for log in trainer.state.log_history if "loss" in log]
+    assert logged == [0.3, 0.3, 0.0, 0.0]
+
+
+def test_the_plain_cross_entropy_needs_no_teacher_logits():
+    student, labels = torch.tensor([STUDENT]), torch.tensor([LABELS])
+    expected = F.cross_entropy(student[0], labels[0], ignore_index=-100)
+    torch.testing.assert_close(distillation_loss(student, None, labels, alpha=0.0), expected)
+    with pytest.raises(ValueError, match="alpha must be 0"):
+        distillation_loss(student, None, labels, alpha=0.25)
+
+
+@pytest.mark.parametrize("fraction", [0, -0.5, 1.5, True, "0.5"])
+def test_a_bad_kd_stop_fraction_is_named(tmp_path, fraction):
+    with pytest.raises(ValueError, match=r"kd_stop_fraction .* must be in \(0, 1\]"):
+        mos_trainer(tmp_path, kd_stop_fraction=fraction)
