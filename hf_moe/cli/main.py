@@ -28,6 +28,10 @@ SUBCOMMANDS = {
         "merge dense models of one architecture into one MoE model folder, one expert each (Branch-Train-MiX)",
     ),
     "inspect": ("hf_moe.cli.inspect", "describe an MoE model folder and check that its weights are readable"),
+    "distill": (
+        "hf_moe.cli.distill",
+        "distill a GPT-2 MoE into a dense model or a Mixture-of-Students on local text, with held-out perplexities",
+    ),
     "demo": (
         "hf_moe.cli.demo",
         "pretrain a small GPT-2, moefy it, train both on, compare (offline, a few CPU minutes)",
