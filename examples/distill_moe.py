@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = build_teacher(args, len(tokenizer), train_NS)
     if args.student == "dense":
         student = hf_moe.dense_from_moe(teacher, ffn=args.ffn if args.ffn == "mean" else int(args.ffn))
-        student.loss_type = "ForCausalLM"  # transformers picks the loss by class name; GPT2LMHeadModel names none
     else:
         student = hf_moe.mixture_of_students(teacher, args.layers, args.experts)
     metrics = distill_and_measure(

@@ -285,8 +285,5 @@ def _build_student(args: argparse.Namespace, teacher):
     from ..conversion import dense_from_moe, mixture_of_students
 
     if args.student == "dense":
-        student = dense_from_moe(teacher, ffn=args.ffn)
-        # transformers picks a model's loss by class name, and "GPT2LMHeadModel" names none (hf_moe.demo says more)
-        student.loss_type = "ForCausalLM"
-        return student
+        return dense_from_moe(teacher, ffn=args.ffn)
     return mixture_of_students(teacher, args.layers, args.experts)

@@ -66,7 +66,8 @@ def dense_from_moe(model: PreTrainedModel, ffn: str | int = "mean") -> PreTraine
         ffn: "mean" (the mean of each layer's experts, taken in float64) or an expert index i (expert i of every MoE
             layer). The output projection and bias are then multiplied by the fold factor K * w (module docstring).
 
-    Returns the dense model in the MoE model's dtype, device and training mode, with its generation config. Its config
+    Returns the dense model in the MoE model's dtype, device and training mode, with its generation config and loss
+    type. Its config
     is the MoE config without the MoE fields (for T5 that keeps `scale_decoder_outputs`, so an MoE made from mT5
     becomes a T5 model that computes what the mT5 model did). Training-only differences: T5's dense FFN applies the
     config's `dropout_rate` where the experts applied `expert_dropout`.
@@ -110,6 +111,9 @@ def dense_from_moe(model: PreTrainedModel, ffn: str | int = "mean") -> PreTraine
             _write_dense_ffn(plan, dense_state, ffn, fold)
     if getattr(model, "generation_config", None) is not None:
         dense.generation_config = copy.deepcopy(model.generation_config)
+    # transformers picks a model's loss by its class name and "GPT2LMHeadModel" names none: the MoE's (named by its
+    # class) keeps the causal loss without a warning, and Trainer counting the shifted labels (see hf_moe.demo)
+    dense.loss_type = model.loss_type
     dense.to(model.device)
     dense.train(model.training)
     return dense

@@ -74,6 +74,7 @@ def test_gpt2_copy_upcycled_moe_gives_back_the_dense_model(layers, ffn):
     assert_same_weights(back, dense)
     assert back.lm_head.weight.data_ptr() == back.transformer.wte.weight.data_ptr()  # still tied
     assert not back.training
+    assert dense.loss_type is None and back.loss_type == "ForCausalLM"  # the MoE's loss, which GPT-2's name lacks
     torch.testing.assert_close(back(INPUT_IDS).logits, dense(INPUT_IDS).logits, rtol=0, atol=0)
 
 
