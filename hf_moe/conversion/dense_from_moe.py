@@ -42,11 +42,11 @@ import transformers
 from transformers import PreTrainedModel
 
 from ..modeling._compat import from_config_without_init
-from ..modeling.moe_parts import moe_blocks, moe_experts, moe_parts, moe_routers
+from ..modeling.moe_parts import moe_blocks, moe_experts, moe_parts
 from ..modeling.registry import ROUTERS
 from ..modeling.routing import TopKRouter
 from ..modeling.routing_hash import HashRouter
-from .family import FamilyMapping, LayerPlan, dense_config_fields
+from .family import FamilyMapping, LayerPlan, dense_config_fields, router_and_expert_weight_names
 from .init_methods import OUTPUT_PROJECTION, expert_output_scale
 from .moefy import FAMILIES, _combine_rule
 
@@ -169,11 +169,7 @@ def _copy_shared_weights(moe: PreTrainedModel, dense_state: dict, plans: list[La
     moe_state = moe.state_dict()
     written = {name for plan in plans for name in plan.dense_names.values()}
     # routers (hash tables, expert biases included) and experts have no dense counterpart of their own
-    expert_only = {
-        f"{prefix}.{key}" if prefix else key
-        for prefix, module in (*moe_routers(moe), *moe_experts(moe))
-        for key in module.state_dict()
-    }
+    expert_only = router_and_expert_weight_names(moe)
     for name, target in dense_state.items():
         if name in written:
             continue

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..modeling.configuration_moe import moe_field_names
-from ..modeling.moe_parts import moe_part_kind
+from ..modeling.moe_parts import moe_experts, moe_part_kind, moe_routers
 from .init_methods import DenseFFN
 from .layer_selection import select_layers
 
@@ -40,6 +40,7 @@ __all__ = [
     "LayerPlan",
     "Stack",
     "dense_config_fields",
+    "router_and_expert_weight_names",
 ]
 
 # moefy's layer argument that every stack without an argument of its own defaults to (T5: both stacks)
@@ -275,6 +276,16 @@ def _base_prefix(model: PreTrainedModel) -> str:
     # transformers' own convention says which submodule is the base model; its qualified name prefixes every template
     base = model.base_model
     return next(name for name, module in model.named_modules() if module is base)
+
+
+def router_and_expert_weight_names(model: nn.Module) -> set[str]:
+    """The state-dict names of every router's and experts module's tensors of an MoE `model` (hash tables and expert
+    biases included): the weights that have no dense counterpart of the same name, in either direction of conversion."""
+    return {
+        _qualified(prefix, key)
+        for prefix, module in (*moe_routers(model), *moe_experts(model))
+        for key in module.state_dict()
+    }
 
 
 def _qualified(prefix: str, name: str) -> str:

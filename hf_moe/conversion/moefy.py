@@ -28,11 +28,11 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..modeling._compat import from_config_without_init
 from ..modeling.configuration_moe import HASH_KINDS
-from ..modeling.moe_parts import moe_blocks, moe_experts, moe_parts, moe_routers
+from ..modeling.moe_parts import moe_blocks, moe_parts
 from ..modeling.registry import ROUTERS
 from ..modeling.routing import TopKRouter
 from . import gpt2, t5
-from .family import FamilyMapping, LayerPlan
+from .family import FamilyMapping, LayerPlan, router_and_expert_weight_names
 from .hash_tables import balanced_hash_table, clustered_hash_table, set_hash_tables, token_frequencies
 from .init_methods import (
     INIT_METHODS,
@@ -499,11 +499,7 @@ def _copy_shared_weights(dense_state: dict, moe: PreTrainedModel, plans: list[La
     moe_state = moe.state_dict()
     consumed = {name for plan in plans for name in plan.dense_names.values()}
     # routers and experts are written by the router init and the init method, whatever their tensors are called
-    initialized = {
-        f"{prefix}.{key}" if prefix else key
-        for prefix, module in (*moe_routers(moe), *moe_experts(moe))
-        for key in module.state_dict()
-    }
+    initialized = router_and_expert_weight_names(moe)
     with torch.no_grad():
         for name, target in moe_state.items():
             if name in initialized:

@@ -46,7 +46,7 @@ from ..modeling.routing_dense_to_sparse import DenseToSparseRouter
 from ..modeling.routing_expert_choice import ExpertChoiceRouter
 from ..modeling.routing_hash import HashRouter
 from .dense_from_moe import _family_and_dense_class
-from .family import FamilyMapping, Stack, _base_prefix, _qualified, dense_config_fields
+from .family import FamilyMapping, Stack, _base_prefix, _qualified, dense_config_fields, router_and_expert_weight_names
 from .layer_selection import select_layers
 
 __all__ = ["mixture_of_students"]
@@ -200,11 +200,7 @@ def _copy_weights(teacher, student, family, stacks, kept_layers, kept_experts: l
     prefix = _base_prefix(teacher)
     layer_paths = [(stack, _qualified(prefix, _layers_path(family, stack))) for stack in stacks]
     first_layer_only = _FIRST_LAYER_ONLY.get(family.name, ())
-    per_expert = {
-        _qualified(part_name, key)
-        for part_name, part in (*moe_routers(teacher), *moe_experts(teacher))
-        for key in part.state_dict()
-    }
+    per_expert = router_and_expert_weight_names(teacher)
     num_experts = teacher.config.num_local_experts
     for name, target in student.state_dict().items():
         source_name = name
