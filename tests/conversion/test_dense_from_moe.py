@@ -22,26 +22,9 @@ import hf_moe
 from hf_moe import dense_from_moe, moefy
 from tests.conftest import tiny_gpt2_moe_config
 
+from .tiny_dense import INPUT_IDS, T5_FIELDS, T5_INPUTS, T5_KINDS
+
 GPT2_FIELDS = dict(vocab_size=99, n_positions=64, n_embd=32, n_layer=3, n_head=4, n_inner=64, pad_token_id=1)
-T5_FIELDS = dict(
-    vocab_size=99,
-    d_model=32,
-    d_ff=64,
-    num_layers=2,
-    num_decoder_layers=3,
-    num_heads=4,
-    d_kv=8,
-    decoder_start_token_id=0,
-)
-T5_KINDS = {
-    "v1.0": dict(feed_forward_proj="relu"),
-    "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-}
-INPUT_IDS = torch.randint(2, 99, (2, 9), generator=torch.Generator().manual_seed(1))
-T5_INPUTS = dict(
-    input_ids=torch.randint(2, 99, (2, 7), generator=torch.Generator().manual_seed(1)),
-    decoder_input_ids=torch.randint(2, 99, (2, 5), generator=torch.Generator().manual_seed(2)),
-)
 
 
 def dense_gpt2(cls=GPT2LMHeadModel):

@@ -15,12 +15,13 @@ from hf_moe.conversion.moefy import FAMILIES
 from hf_moe.modeling.moe_parts import moe_blocks, moe_experts, moe_routers
 
 from .test_moefy import dense_gpt2
-from .test_moefy_t5 import TINY, dense_t5
+from .test_moefy_t5 import dense_t5
+from .tiny_dense import T5_FIELDS
 
 
 def dense_mt5_encoder():
     torch.manual_seed(0)
-    return MT5EncoderModel(MT5Config(**TINY)).eval()
+    return MT5EncoderModel(MT5Config(**T5_FIELDS)).eval()
 
 
 CASES = {

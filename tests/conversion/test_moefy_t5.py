@@ -16,32 +16,15 @@ from transformers import (
 from hf_moe import T5MoeEncoderModel, T5MoeForConditionalGeneration, T5MoeModel
 from hf_moe.conversion import moefy
 
-TINY = dict(
-    vocab_size=99,
-    d_model=32,
-    d_ff=64,
-    num_layers=2,
-    num_decoder_layers=3,
-    num_heads=4,
-    d_kv=8,
-    decoder_start_token_id=0,
-)
-KINDS = {
-    "v1.0": dict(feed_forward_proj="relu"),
-    "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-}
-INPUTS = dict(
-    input_ids=torch.randint(2, 99, (2, 7), generator=torch.Generator().manual_seed(1)),
-    decoder_input_ids=torch.randint(2, 99, (2, 5), generator=torch.Generator().manual_seed(2)),
-)
+from .tiny_dense import T5_FIELDS, T5_INPUTS, T5_KINDS
 
 
 def dense_t5(kind="v1.0", cls=T5ForConditionalGeneration):
     torch.manual_seed(0)
-    return cls(T5Config(**TINY, **KINDS[kind])).eval()
+    return cls(T5Config(**T5_FIELDS, **T5_KINDS[kind])).eval()
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(T5_KINDS))
 @pytest.mark.parametrize(
     ("init", "options"),
     [("copy", dict(top_k=2, normalize_top_k_weights=True)), ("split", dict(top_k=4, unit_combine_weights=True))],
@@ -51,14 +34,14 @@ def test_function_preservation_for_both_ffn_kinds(kind, init, options):
     moe = moefy(dense, num_experts=4, init=init, **options).eval()
     assert isinstance(moe, T5MoeForConditionalGeneration)
     assert moe.config.is_gated_act == (kind == "v1.1")
-    torch.testing.assert_close(moe(**INPUTS).logits, dense(**INPUTS).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe(**T5_INPUTS).logits, dense(**T5_INPUTS).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_mt5_is_preserved_too():
     torch.manual_seed(0)
-    dense = MT5ForConditionalGeneration(MT5Config(**TINY)).eval()
+    dense = MT5ForConditionalGeneration(MT5Config(**T5_FIELDS)).eval()
     moe = moefy(dense, num_experts=2, top_k=2, normalize_top_k_weights=True).eval()
-    torch.testing.assert_close(moe(**INPUTS).logits, dense(**INPUTS).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe(**T5_INPUTS).logits, dense(**T5_INPUTS).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("source", "target"), [(T5Model, T5MoeModel), (T5EncoderModel, T5MoeEncoderModel)])
@@ -66,7 +49,7 @@ def test_other_t5_heads(source, target):
     dense = dense_t5(cls=source)
     moe = moefy(dense, num_experts=2, top_k=1, normalize_top_k_weights=True).eval()
     assert type(moe) is target
-    inputs = INPUTS if source is T5Model else {"input_ids": INPUTS["input_ids"]}
+    inputs = T5_INPUTS if source is T5Model else {"input_ids": T5_INPUTS["input_ids"]}
     torch.testing.assert_close(
         moe(**inputs).last_hidden_state, dense(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5
     )
@@ -87,7 +70,7 @@ def test_encoder_and_decoder_layers_are_chosen_separately():
 def test_routers_of_both_stacks_learn_after_upcycling():
     moe = moefy(dense_t5("v1.1"), num_experts=4, top_k=2).train()
     labels = torch.randint(2, 99, (2, 5))
-    moe(input_ids=INPUTS["input_ids"], labels=labels).loss.backward()
+    moe(input_ids=T5_INPUTS["input_ids"], labels=labels).loss.backward()
     routers = [m for name, m in moe.named_modules() if name.endswith("router")]
     assert len(routers) == 5
     assert all(router.weight.grad.abs().sum() > 0 for router in routers)
