@@ -47,6 +47,16 @@ __version__ = "0.1.0"
 
 register_auto_classes()
 
+
+def __getattr__(name: str):
+    # TRL's trainers need the optional `trl`: imported on first use (hf_moe.MoeSFTTrainer, hf_moe.MoeDPOTrainer)
+    if name in ("MoeSFTTrainer", "MoeDPOTrainer"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ConversionReport",
     "DenseToSparseCallback",

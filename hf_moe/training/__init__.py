@@ -1,5 +1,7 @@
 """Training with `Trainer`: load-balance callback and pictures, once-per-step router balancing, dense-to-sparse
-schedule, optimizer presets, MoE -> dense distillation, dense warm-up, multi-task temperature sampling, metrics.
+schedule, optimizer presets, MoE -> dense distillation, dense warm-up, multi-task temperature sampling, metrics;
+`MoeSFTTrainer` and `MoeDPOTrainer` (TRL's trainers; need the optional `trl`, so imported on first use and not in
+`__all__`).
 
 Depends on `hf_moe.modeling` only (through the MoE blocks' counters and the router attributes).
 """
@@ -49,6 +51,11 @@ def __getattr__(name: str):
         from .metrics import RouterBalance
 
         return RouterBalance
+    # the TRL trainers need the optional `trl` (hf-moe[trl]); importing them without it says how to install it
+    if name in ("MoeSFTTrainer", "MoeDPOTrainer"):
+        from . import trl_trainers
+
+        return getattr(trl_trainers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from transformers import TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
 
 from ..modeling._compat import require_trainer_checkpoint_hooks
@@ -95,17 +96,23 @@ class ShardedCheckpointMixin:
     `save_only_model=True`, or for an ordinary model, the Trainer behaves exactly as usual.
     """
 
-    def __init__(self, model=None, args=None, *more, **kwargs):
-        full_checkpoints = _is_sharded_at_load(model) and args is not None and not args.save_only_model
+    def __init__(self, *args, **kwargs):
+        # the model comes first in every Trainer subclass; the training arguments do not (TRL's DPOTrainer takes the
+        # reference model second), so they are found by type
+        model = kwargs.get("model", args[0] if args else None)
+        training_args = kwargs.get("args") or next((a for a in args if isinstance(a, TrainingArguments)), None)
+        full_checkpoints = (
+            _is_sharded_at_load(model) and training_args is not None and not training_args.save_only_model
+        )
         if full_checkpoints:
             # passes the Trainer's refusal (it checks `save_only_model` in __init__), then restores the user's choice
             # so that `_save_checkpoint` calls the optimizer, scaler and RNG saves overridden or kept below
-            args.save_only_model = True
+            training_args.save_only_model = True
         try:
-            super().__init__(model, args, *more, **kwargs)
+            super().__init__(*args, **kwargs)
         finally:
             if full_checkpoints:
-                args.save_only_model = False
+                training_args.save_only_model = False
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not _is_sharded_at_load(self.model):

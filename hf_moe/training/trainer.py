@@ -48,17 +48,22 @@ class MoeTrainer(ShardedCheckpointMixin, Trainer):
             expert_lr_scale=expert_lr_scale, router_lr_scale=router_lr_scale, router_weight_decay=router_weight_decay
         )
         apply_moe_preset(self.model, moe_preset)
-        if self.compute_loss_func is not None or self.label_smoother is not None:
-            self.compute_loss_func = MoeLoss(
-                self.model, label_smoothing=self.args.label_smoothing_factor, base_loss=self.compute_loss_func
-            )
-            self.label_smoother = None  # MoeLoss smooths the labels itself
+        self._keep_router_losses_in_loss()
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, LoadBalanceCallback):
                 callback.attach_to(self)
         balancing = any(isinstance(c, RouterBalancingCallback) for c in self.callback_handler.callbacks)
         if needs_router_balancing(self.model) and not balancing:
             super().add_callback(RouterBalancingCallback())
+
+    def _keep_router_losses_in_loss(self) -> None:
+        """When Trainer computes the loss itself, it calls the model without labels: `MoeLoss` adds the router losses
+        back. (The TRL trainers, which compute every loss themselves, add them their own way.)"""
+        if self.compute_loss_func is not None or self.label_smoother is not None:
+            self.compute_loss_func = MoeLoss(
+                self.model, label_smoothing=self.args.label_smoothing_factor, base_loss=self.compute_loss_func
+            )
+            self.label_smoother = None  # MoeLoss smooths the labels itself
 
     def add_callback(self, callback) -> None:
         if isinstance(callback, type) and issubclass(callback, LoadBalanceCallback):
