@@ -28,6 +28,8 @@ fine-tune a T5 MoE with `MoeTrainer`.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 try:
@@ -159,7 +161,15 @@ class MoeSFTTrainer(_RouterLossesForTRL, MoeTrainer, SFTTrainer):
 class MoeDPOTrainer(_RouterLossesForTRL, MoeTrainer, DPOTrainer):
     """`trl.DPOTrainer` for hf_moe decoder-only models: TRL's preference loss plus the policy's weighted router losses
     (of its forward on the chosen and rejected sequences; the reference model's are not computed). The reference is a
-    `ref_model` you pass, a copy TRL makes, or, with a `peft_config`, the policy with its adapter disabled. Takes
-    `MoeTrainer`'s arguments besides DPOTrainer's."""
+    `ref_model` you pass; with a `peft_config` (or a PEFT policy), the policy with its adapter disabled; else a frozen
+    copy of the policy as it is when the trainer is made. Takes `MoeTrainer`'s arguments besides DPOTrainer's."""
 
     _loss_per_label_token = False
+
+    def __init__(self, model=None, ref_model=None, args=None, *more, **kwargs):
+        uses_adapter = kwargs.get("peft_config") is not None or hasattr(model, "get_base_model")
+        if ref_model is None and not uses_adapter and isinstance(model, torch.nn.Module):
+            # TRL 1.x would load the reference from `config._name_or_path`: a model built or fine-tuned in memory (e.g.
+            # right after SFT) has no such folder, or a folder holding other weights. The reference is the policy now.
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(model, ref_model, args, *more, **kwargs)

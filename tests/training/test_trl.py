@@ -213,6 +213,23 @@ def test_dpo_loss_with_a_reference_model_adds_the_policys_router_losses(tmp_path
         torch.testing.assert_close(loss, _dpo_reference_value(trainer, model, batch), rtol=1e-5, atol=1e-6)
 
 
+def test_dpo_without_a_reference_uses_a_frozen_copy_of_the_policy(tmp_path):
+    # built in memory: no config._name_or_path for TRL to load a reference from
+    model = _model()
+    initial = {name: param.detach().clone() for name, param in model.named_parameters()}
+    trainer = MoeDPOTrainer(
+        model=model, args=_dpo_args(tmp_path), train_dataset=_preferences(), processing_class=_tok()
+    )
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert reference is not model and not reference.training
+    assert not any(param.requires_grad for param in reference.parameters())
+    trainer.train()
+    # the policy moved away from its reference, which stayed the policy as it was when the trainer was made
+    assert any(not torch.equal(param, initial[name]) for name, param in model.named_parameters())
+    for name, param in reference.named_parameters():
+        assert torch.equal(param, initial[name]), name
+
+
 def test_dpo_with_a_peft_reference_adapter_trains_the_adapter_only(tmp_path):
     model = _model()
     base_weights = {name: param.detach().clone() for name, param in model.named_parameters()}
