@@ -37,6 +37,7 @@ def _numbers(value):
         yield value
 
 
+@pytest.mark.slow
 def test_training_recipes_smoke_runs_every_study(recipes, tmp_path, capsys):
     json_path = tmp_path / "recipes.json"
     result = recipes.main(["--smoke", "--json", str(json_path)])
