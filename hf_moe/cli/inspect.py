@@ -89,6 +89,11 @@ def describe(path: str) -> dict:
             "coef": config.aux_loss_coef if config.router_type in ROUTERS else config.router_aux_loss_coef,
             "scope": config.aux_loss_scope,
         },
+        "shared_experts": {
+            "count": config.num_shared_experts,
+            "intermediate_size": config.shared_experts_intermediate_size,  # all of a layer's together
+            "gate": config.shared_expert_gate,
+        },
         "router_bias_update_rate": config.router_bias_update_rate,
         "z_loss_coef": config.router_z_loss_coef,
         "expert_dropout": config.expert_dropout,
@@ -275,6 +280,12 @@ def run(args: argparse.Namespace) -> int:
         f"  experts: {summary['experts_per_layer']} per layer, {summary['experts_per_token']:g} per token, "
         f"{summary['combine_weights']} combine weights"
     )
+    shared = summary["shared_experts"]
+    if shared["count"]:
+        gate = ", sigmoid-gated" if shared["gate"] else ""
+        print(
+            f"  shared experts: {shared['count']} per layer, always active, {shared['intermediate_size']} wide{gate}"
+        )
     settings = "".join(f", {label.lower()} {value}" for label, value in summary["router_settings"].items())
     print(f"  router: {summary['router_type']} ({summary['router_label']}){settings}")
     print(f"  capacity: {_capacity_line(summary)}")
@@ -286,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
     _print_bias_balancing(summary)
     print(
         f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token "
-        f"({counts['experts']:,} in experts)"
+        f"({counts['experts']:,} in routed experts"
+        + (f", {counts['shared_experts']:,} in shared experts)" if counts["shared_experts"] else ")")
     )
     weights = summary["weights"]
     if weights["checked"]:

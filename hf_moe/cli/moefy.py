@@ -224,6 +224,18 @@ def add_parser(subparsers, name: str) -> None:
         help="dropout on the experts' hidden activation (default: 0)",
     )
     parser.add_argument(
+        "--num-shared-experts",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="N always-active shared experts per MoE layer, each a copy of the dense FFN (DeepSeekMoE; default: none)",
+    )
+    parser.add_argument(
+        "--shared-expert-gate",
+        action="store_true",
+        help="with --num-shared-experts: scale their output per token by a learned sigmoid gate (Qwen2-MoE)",
+    )
+    parser.add_argument(
         "--normalize-top-k-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -301,6 +313,8 @@ def _convert_and_save(args: argparse.Namespace):
         "num_hash_heads": args.num_hash_heads,
         "gate_threshold": args.gate_threshold,
         "allow_noncausal_routing": True if args.allow_noncausal_routing else None,
+        "num_shared_experts": args.num_shared_experts,
+        "shared_expert_gate": True if args.shared_expert_gate else None,
     }
     init_options = {
         "noise_scale": args.noise_scale,

@@ -57,6 +57,7 @@ __all__ = [
     "expert_output_scale",
     "init_experts",
     "scale_expert_outputs",
+    "shared_experts_from_dense",
     "virtual_group_router_weight",
 ]
 
@@ -320,6 +321,19 @@ def choose_output_scale(
             "with top_k > 1 (factor 1/K) and to split with top_k < num_experts"
         )
     return float(factor)
+
+
+def shared_experts_from_dense(ffn: DenseFFN, num_shared: int, output_scale: float) -> dict[str, torch.Tensor]:
+    """`num_shared` copies of the dense FFN as one FFN of their summed width (by `ffn`'s keys, no expert dim): every
+    neuron tensor repeated along its neuron axis, the output biases added once per copy (times `num_shared`), and the
+    output multiplied by `output_scale`. Its output is `num_shared * output_scale * dense(x)`."""
+    tensors = {}
+    for name, tensor in ffn.tensors.items():
+        axis = ffn.neuron_axes[name]
+        tensors[name] = tensor * num_shared if axis is None else torch.cat([tensor] * num_shared, dim=axis)
+    with_expert_dim = {name: tensor.unsqueeze(0) for name, tensor in tensors.items()}
+    scale_expert_outputs(with_expert_dim, ffn, output_scale)
+    return {name: tensor.squeeze(0) for name, tensor in with_expert_dim.items()}
 
 
 def scale_expert_outputs(experts: dict[str, torch.Tensor], ffn: DenseFFN, scale: float) -> None:

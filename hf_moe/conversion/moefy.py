@@ -28,7 +28,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..modeling._compat import from_config_without_init
 from ..modeling.configuration_moe import HASH_KINDS
-from ..modeling.moe_parts import moe_blocks, moe_parts
+from ..modeling.moe_parts import moe_blocks, moe_part_kind, moe_parts
 from ..modeling.registry import ROUTERS
 from ..modeling.routing import TopKRouter
 from . import gpt2, t5
@@ -40,6 +40,7 @@ from .init_methods import (
     choose_output_scale,
     init_experts,
     scale_expert_outputs,
+    shared_experts_from_dense,
     virtual_group_router_weight,
 )
 from .report import ConversionReport
@@ -217,6 +218,7 @@ def moefy(
         check_granularity(num_experts, top_k, granularity, dense_size)
         moe_fields["moe_intermediate_size"] = dense_size // granularity
     config = family.build_config(dense.config, {**selected_layers, **moe_fields})
+    shared_share = _shared_experts_share(family, dense, config)
 
     moe, plans = _empty_moe(family, target_class, config, dense, selected_layers)
     dense_state = dense.state_dict()
@@ -227,8 +229,11 @@ def moefy(
         for plan in _progress(plans, progress):
             ffn = plan.kind.dense_ffn(dense_state, plan.dense_names)  # float32 on the CPU: seeded, device-independent
             experts_tensors = init_experts(ffn, num_experts, init, generator, **init_options)
-            scale_expert_outputs(experts_tensors, ffn, output_scale)
+            # with shared experts, the routed experts give 1 - shared_share of the output and the shared ones the rest
+            scale_expert_outputs(experts_tensors, ffn, output_scale * (1.0 - shared_share))
             _write_experts(family, plan, plan.kind.expert_parameters(experts_tensors))
+            if config.num_shared_experts:
+                _write_shared_experts(family, plan, ffn, config, shared_share)
             # small and random, never all zero: with identical experts, equal logits would tie every routing decision
             router = _one_part(plan, "router")
             router.init_weights(config.router_init_std, generator=generator)
@@ -276,7 +281,11 @@ def moefy(
         target_class=type(moe).__name__,
         init_method=init,
         # the scale is part of how the experts were made: recorded (and shown on the model card) where it is not 1
-        init_options={**init_options, **({"expert_output_scale": output_scale} if output_scale != 1.0 else {})},
+        init_options={
+            **init_options,
+            **({"expert_output_scale": output_scale} if output_scale != 1.0 else {}),
+            **({"shared_experts_share": shared_share} if shared_share else {}),
+        },
         seed=seed,
         num_experts=num_experts,
         top_k=top_k,
@@ -494,12 +503,58 @@ def _write_experts(family: FamilyMapping, plan: LayerPlan, tensors: dict[str, to
         parameters[name].copy_(tensor)
 
 
+def _shared_experts_share(family: FamilyMapping, dense: PreTrainedModel, config) -> float:
+    """The share of each MoE layer's output the shared experts give at step 0: N / (N + 1) for N shared experts, each
+    a copy of the dense FFN (0 without). The routed experts give the other 1 / (N + 1), so the layer's output is
+
+        N / (N + 1) * dense(x) + 1 / (N + 1) * routed(x)
+
+    where routed(x) is what the same conversion without shared experts gives: wherever that is the dense FFN (copies
+    with combine weights summing to 1, split with top_k == num_experts, granular), so is this. Raises `ValueError`
+    when the shared experts are not of the dense FFN's width (copies need it)."""
+    num_shared = config.num_shared_experts
+    if not num_shared:
+        return 0.0
+    dense_width = family.dense_intermediate_size(dense)
+    shared_width = config.shared_expert_intermediate_size or config.expert_intermediate_size
+    if shared_width != dense_width:
+        raise ValueError(
+            f"moefy starts each shared expert as a copy of the dense FFN ({dense_width} neurons), but the shared experts "
+            f"would have {shared_width} (shared_expert_intermediate_size, else the routed experts' width); pass "
+            f"shared_expert_intermediate_size={dense_width}"
+        )
+    return num_shared / (num_shared + 1)
+
+
+def _write_shared_experts(family: FamilyMapping, plan: LayerPlan, ffn, config, shared_share: float) -> None:
+    shared = plan.block.shared_experts
+    # the gate starts at sigmoid(0) = 1/2 for every token: the copies' output is doubled to make up for it
+    gate_value = 0.5 if shared.gate is not None else 1.0
+    output_scale = shared_share / (config.num_shared_experts * gate_value)
+    tensors = shared_experts_from_dense(ffn, config.num_shared_experts, output_scale)
+    with_expert_dim = plan.kind.expert_parameters({name: tensor.unsqueeze(0) for name, tensor in tensors.items()})
+    parameters = dict(shared.named_parameters())
+    if shared.gate is not None:
+        parameters.pop("gate.weight").zero_()
+    if set(parameters) != set(with_expert_dim):
+        raise RuntimeError(
+            f"moefy: the {family.name} mapping makes {sorted(with_expert_dim)} for {plan.label}.shared_experts, which "
+            f"holds {sorted(parameters)}"
+        )
+    for name, tensor in with_expert_dim.items():
+        parameters[name].copy_(tensor.squeeze(0))
+
+
 def _copy_shared_weights(dense_state: dict, moe: PreTrainedModel, plans: list[LayerPlan]) -> None:
     """Copy every dense weight that keeps its name; fail loudly on any weight that would be lost."""
     moe_state = moe.state_dict()
     consumed = {name for plan in plans for name in plan.dense_names.values()}
-    # routers and experts are written by the router init and the init method, whatever their tensors are called
-    initialized = router_and_expert_weight_names(moe)
+    # routers and experts are written by the router init and the init method, whatever their tensors are called; the
+    # shared experts by `_write_shared_experts`
+    initialized = router_and_expert_weight_names(moe) | {
+        f"{name}.{key}" for name, module in moe.named_modules() if moe_part_kind(module) == "shared_experts"
+        for key in module.state_dict()
+    }  # fmt: skip
     with torch.no_grad():
         for name, target in moe_state.items():
             if name in initialized:

@@ -189,6 +189,15 @@ def _detail_rows(config) -> list[tuple[str, str]]:
     for label, (indices, num_layers) in _moe_layers(config).items():
         rows.append((f"MoE layers{label}", _layers(indices, num_layers)))
     rows.append(("Expert FFN size", str(config.expert_intermediate_size)))
+    if config.num_shared_experts:
+        gate = ", scaled per token by a learned sigmoid gate" if config.shared_expert_gate else ""
+        rows.append(
+            (
+                "Shared experts",
+                f"{config.num_shared_experts} per MoE layer, always active beside the routed ones "
+                f"({config.shared_experts_intermediate_size} neurons together){gate}",
+            )
+        )
     return rows
 
 
@@ -300,6 +309,9 @@ def _parameter_rows(counts: dict[str, int], report: Mapping | None) -> list[tupl
         ("Active per token", f"{_count(counts['active'])}, {100 * counts['active'] / counts['total']:.0f}% of total"),
         ("In experts", _count(counts["experts"])),
     ]
+    if counts.get("shared_experts"):
+        rows[-1] = ("In routed experts", _count(counts["experts"]))
+        rows.append(("In shared experts (always active)", _count(counts["shared_experts"])))
     dense = (report or {}).get("dense_parameters")
     if dense:
         rows.append(("Dense source model", f"{_count(dense)} (the MoE holds {counts['total'] / dense:.2f}x)"))

@@ -71,13 +71,19 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
         return self.moe_intermediate_size if self.moe_intermediate_size is not None else self.dense_intermediate_size
 
     def parameter_counts(self) -> dict[str, int]:
-        """Parameter counts without building the model: `total`, `active` (used per token), `experts`."""
+        """Parameter counts without building the model: `total`, `active` (used per token), `experts` (routed), and
+        `shared_experts` (always active, so in `active` whole)."""
         hidden, inner, expert_inner = self.n_embd, self.dense_intermediate_size, self.expert_intermediate_size
         layer_norm = 2 * hidden
         attention = hidden * 3 * hidden + 3 * hidden + hidden * hidden + hidden
         dense_ffn = 2 * hidden * inner + inner + hidden
         one_expert = 2 * hidden * expert_inner + expert_inner + hidden
         router = self.router_parameters(hidden)
+        shared_inner = self.shared_experts_intermediate_size
+        # always active, like the dense weights: counted with them (and in `shared_experts`)
+        shared_experts = (2 * hidden * shared_inner + shared_inner + hidden if shared_inner else 0) + (
+            hidden if self.shared_expert_gate else 0
+        )
         num_moe = len(self.moe_layer_indices)
         num_dense = self.n_layer - num_moe
         shared = (
@@ -86,10 +92,15 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
             + self.n_layer * (2 * layer_norm + attention)
             + layer_norm
             + num_dense * dense_ffn
-            + num_moe * router
+            + num_moe * (router + shared_experts)
         )
         if not self.tie_word_embeddings:
             shared += self.vocab_size * hidden
         experts = num_moe * self.num_local_experts * one_expert
         active_experts = round(num_moe * self.experts_per_token * one_expert)
-        return {"total": shared + experts, "active": shared + active_experts, "experts": experts}
+        return {
+            "total": shared + experts,
+            "active": shared + active_experts,
+            "experts": experts,
+            "shared_experts": num_moe * shared_experts,
+        }

@@ -82,6 +82,13 @@ class MoeConfigFields:
     expert_dropout: float = 0.0
     # hidden size of each expert's FFN; None: the dense model's FFN size
     moe_intermediate_size: int | None = None
+    # always-active shared experts beside the routed ones in every MoE layer (DeepSeekMoE, Dai et al. 2024; Qwen2-MoE),
+    # run on every token and added to the routed output; 0: none
+    num_shared_experts: int = 0
+    # hidden size of each shared expert; None: the routed experts' (`moe_intermediate_size`, else the dense FFN's)
+    shared_expert_intermediate_size: int | None = None
+    # scale the shared experts' output per token by a learned sigmoid gate, sigmoid(x . w) (Qwen2-MoE)
+    shared_expert_gate: bool = False
     # return the router logits of every MoE layer in the outputs
     output_router_logits: bool = False
     # hash router: independent hashes per token (MultiHash, Roller et al. 2021); each picks the expert of one of
@@ -110,6 +117,22 @@ class MoeConfigFields:
             )
         if self.moe_intermediate_size is not None and self.moe_intermediate_size < 1:
             raise ValueError(f"moe_intermediate_size must be >= 1 or None, got {self.moe_intermediate_size}")
+        _require_numbers(self, "num_shared_experts", integer=True)
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0 (0: no shared experts), got {self.num_shared_experts}")
+        if self.shared_expert_intermediate_size is not None:
+            _require_numbers(self, "shared_expert_intermediate_size", integer=True)
+            if self.shared_expert_intermediate_size < 1:
+                raise ValueError(
+                    f"shared_expert_intermediate_size must be >= 1 or None, got {self.shared_expert_intermediate_size}"
+                )
+        if not isinstance(self.shared_expert_gate, bool):
+            raise TypeError(f"shared_expert_gate must be True or False, got {self.shared_expert_gate!r}")
+        if self.num_shared_experts == 0 and (self.shared_expert_gate or self.shared_expert_intermediate_size):
+            raise ValueError(
+                "shared_expert_gate / shared_expert_intermediate_size configure shared experts, but "
+                "num_shared_experts=0; set num_shared_experts >= 1 or leave them unset"
+            )
 
     def validate_moe_routing(self):
         _require_numbers(self, "router_jitter_noise", "router_logit_noise_std", "router_z_loss_coef")
@@ -225,6 +248,12 @@ class MoeConfigFields:
     def router_parameters(self, hidden_size: int) -> int:
         """Parameters one MoE layer's router holds (declared by its registry entry)."""
         return ROUTERS.entry(self.router_type).extra_parameters(self.num_local_experts, hidden_size)
+
+    @property
+    def shared_experts_intermediate_size(self) -> int:
+        """Hidden size of all shared experts of a layer together (they run as one FFN of that width); 0 without."""
+        width = self.shared_expert_intermediate_size or self.expert_intermediate_size
+        return self.num_shared_experts * width
 
     @property
     def normalizes_top_k_weights(self) -> bool:

@@ -83,7 +83,7 @@ class T5MoeConfig(MoeConfigFields, T5Config):
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts of the encoder-decoder model without building it: `total`, `active` (used per token),
-        `experts`. T5 ties the LM head and both stacks' token embeddings to `shared`, so the embedding counts once."""
+        `experts` (routed), `shared_experts` (always active, so in `active` whole). T5 ties the LM head and both stacks' token embeddings to `shared`, so the embedding counts once."""
         hidden, inner = self.d_model, self.num_heads * self.d_kv
         ffn_matrices = 3 if self.is_gated_act else 2  # wi_0, wi_1, wo or wi, wo; T5 has no biases
         attention = 4 * hidden * inner  # q, k, v, o
@@ -91,6 +91,10 @@ class T5MoeConfig(MoeConfigFields, T5Config):
         dense_ffn = ffn_matrices * hidden * self.d_ff
         one_expert = ffn_matrices * hidden * self.expert_intermediate_size
         router = self.router_parameters(hidden)
+        # always active, like the dense weights: counted with them (and in `shared_experts`)
+        shared_experts = ffn_matrices * hidden * self.shared_experts_intermediate_size + (
+            hidden if self.shared_expert_gate else 0
+        )
         num_moe = len(self.encoder_moe_layer_indices) + len(self.decoder_moe_layer_indices)
         num_dense = self.num_layers + self.num_decoder_layers - num_moe
         # encoder block: self-attention + FFN, two layer norms; decoder block adds cross-attention and its norm
@@ -102,8 +106,13 @@ class T5MoeConfig(MoeConfigFields, T5Config):
             + self.num_decoder_layers * decoder_block
             + 2 * (relative_bias + hidden)  # each stack: relative position bias and final layer norm
             + num_dense * dense_ffn
-            + num_moe * router
+            + num_moe * (router + shared_experts)
         )
         experts = num_moe * self.num_local_experts * one_expert
         active_experts = round(num_moe * self.experts_per_token * one_expert)
-        return {"total": shared + experts, "active": shared + active_experts, "experts": experts}
+        return {
+            "total": shared + experts,
+            "active": shared + active_experts,
+            "experts": experts,
+            "shared_experts": num_moe * shared_experts,
+        }

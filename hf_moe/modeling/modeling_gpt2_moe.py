@@ -45,6 +45,7 @@ from .configuration_gpt2_moe import GPT2MoeConfig
 from .experts import MoeExperts
 from .losses import accumulation_share, mean_over_layers
 from .moe_pretrained import ROUTER_OUTPUT_RECORDERS, MoePreTrainedMixin, ask_for_router_losses
+from .shared_experts import SharedExperts
 from .sparse_moe import SparseMoeBlock
 
 __all__ = [
@@ -111,7 +112,13 @@ class GPT2MoeBlock(GPT2Block):
         self.is_moe = layer_idx in config.moe_layer_indices
         if self.is_moe:
             # the diff with GPT-2: mlp -> sparse MoE block, then GPT-2's residual dropout (the dense MLP's last step)
-            self.mlp = SparseMoeBlock(config, GPT2MoeExperts(config))
+            shared = None
+            if config.num_shared_experts:
+                shared = SharedExperts(
+                    config, hidden_size=config.n_embd, activation=config.activation_function, gated=False, bias=True,
+                    transposed=True,
+                )  # fmt: skip
+            self.mlp = SparseMoeBlock(config, GPT2MoeExperts(config), shared)
             self.mlp_dropout = nn.Dropout(config.resid_pdrop)
 
     @restates("models.gpt2.modeling_gpt2.GPT2Block.forward", "f64f1ea064fe0b6b")
@@ -183,6 +190,8 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
             init.zeros_(module.up_proj_bias)
             init.zeros_(module.down_proj_bias)
+        elif isinstance(module, SharedExperts):
+            module.init_weights(std, std / math.sqrt(2 * self.config.n_layer))
 
 
 class GPT2MoeModel(GPT2MoePreTrainedModel, GPT2Model):

@@ -71,6 +71,7 @@ from .configuration_t5_moe import T5MoeConfig
 from .experts import MoeExperts
 from .losses import accumulation_share, mean_over_layers
 from .moe_pretrained import ROUTER_OUTPUT_RECORDERS, MoePreTrainedMixin, ask_for_router_losses
+from .shared_experts import SharedExperts
 from .sparse_moe import SparseMoeBlock
 
 __all__ = [
@@ -169,7 +170,13 @@ class T5MoeLayerFF(T5LayerFF):
         self.is_moe = is_moe
         if is_moe:
             experts = T5MoeGatedExperts(config) if config.is_gated_act else T5MoeExperts(config)
-            self.DenseReluDense = SparseMoeBlock(config, experts)
+            shared = None
+            if config.num_shared_experts:
+                shared = SharedExperts(
+                    config, hidden_size=config.d_model, activation=config.dense_act_fn, gated=config.is_gated_act,
+                    bias=False, transposed=False,
+                )  # fmt: skip
+            self.DenseReluDense = SparseMoeBlock(config, experts, shared)
         elif config.is_gated_act:
             self.DenseReluDense = T5DenseGatedActDense(config)
         else:
@@ -281,6 +288,9 @@ class T5MoePreTrainedModel(MoePreTrainedMixin, T5PreTrainedModel):
             up_proj = module.gate_up_proj if module.has_gate else module.up_proj
             init.normal_(up_proj, mean=0.0, std=factor * self.config.d_model**-0.5)
             init.normal_(module.down_proj, mean=0.0, std=factor * module.intermediate_dim**-0.5)
+        elif isinstance(module, SharedExperts):
+            width = self.config.shared_experts_intermediate_size
+            module.init_weights(factor * self.config.d_model**-0.5, factor * width**-0.5)
 
     def init_parallel_plans(self) -> None:
         super().init_parallel_plans()

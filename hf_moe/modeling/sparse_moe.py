@@ -6,7 +6,8 @@ Shape legend: B batch, S sequence, T = B*S tokens, D hidden size, E experts, K e
 hidden (B,S,D) -> RoutingInputs(hidden_TD, B, token_mask_T, input_ids_T)
    router                         -> RouterDecision(logits_TE, top_k_index_TK, top_k_weights_TK)
    capacity (dispatch.py)         -> kept_TK or None (dropless)
-   experts on the kept slots      -> out_TD -> (B,S,D)        (a dropped slot adds 0: the residual carries the token)
+   experts on the kept slots      -> out_TD                   (a dropped slot adds 0: the residual carries the token)
+   + shared experts (optional)    -> out_TD -> (B,S,D)        (every token, `shared_experts.py`)
    router losses (losses.py)      -> RouterLossValues(balance_loss, z_loss), recorded for the model's loss
    counters                       += this forward's assignments, drops, entropy, losses
 ```
@@ -169,11 +170,13 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
     # gradient accumulation rarely runs this many micro-batches per step; more without a step means nobody steps
     FORWARDS_WITHOUT_STEP_WARNING: ClassVar[int] = 256
 
-    def __init__(self, config, experts: nn.Module):
+    def __init__(self, config, experts: nn.Module, shared_experts: nn.Module | None = None):
         super().__init__()
         self.num_experts = config.num_local_experts
         self.router = build_router(config, experts.hidden_dim)
         self.experts = experts
+        # always-active FFNs added to the routed output (`shared_experts.py`); None without
+        self.shared_experts = shared_experts
         # a router that bounds the expert loads itself (expert choice) gets no capacity on top
         self.capacity = Capacity(config, dropless=self.router.owns_capacity)
         self.losses = RouterLosses(config, learned=self.router.learned)
@@ -217,6 +220,8 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
             kept_TK,
             always_call=self._is_expert_parallel,
         )
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(inputs.hidden_TD)
         losses = self.losses(decision, weights_TK, inputs.token_mask_T, inputs.num_sequences, self.counting)
         if self.counting:
             self._count(decision, kept_TK, inputs.token_mask_T, losses)

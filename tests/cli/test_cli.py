@@ -137,3 +137,42 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     reloaded = AutoModelForCausalLM.from_pretrained(out / "moe")
     assert reloaded.config.model_type == "gpt2_moe"
+
+
+def test_moefy_with_shared_experts_shows_them_in_inspect_and_the_card(dense_folder, tmp_path, capsys):
+    out = tmp_path / "moe"
+    argv = [
+        "moefy",
+        str(dense_folder),
+        str(out),
+        "--num-experts",
+        "4",
+        "--num-shared-experts",
+        "2",
+        "--shared-expert-gate",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shared_experts"] == {"count": 2, "intermediate_size": 128, "gate": True}
+    # 2 layers x (2 x 32 x 128 + 128 + 32 + the gate's 32) parameters, all active
+    assert summary["parameters"]["shared_experts"] == 2 * (2 * 32 * 128 + 128 + 32 + 32)
+    assert summary["weights"]["checked"] and not summary["weights"].get("unexpected")
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "shared experts: 2 per layer, always active, 128 wide, sigmoid-gated" in text
+    assert "in shared experts" in text
+    card = (out / "README.md").read_text()
+    assert "| Shared experts | 2 per MoE layer" in card and "In shared experts (always active)" in card
+    # copies of the dense FFN with the gate at 1/2: the upcycled model is the dense one
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    dense = GPT2LMHeadModel.from_pretrained(dense_folder).eval()
+    input_ids = torch.randint(2, 99, (1, 6))
+    torch.testing.assert_close(model(input_ids).logits, dense(input_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_moefy_shared_expert_gate_needs_shared_experts(dense_folder, tmp_path, capsys):
+    assert main(["moefy", str(dense_folder), str(tmp_path / "moe"), "--shared-expert-gate"]) == 2
+    assert "num_shared_experts=0" in capsys.readouterr().err
+    assert not (tmp_path / "moe").exists()

@@ -47,6 +47,12 @@ def test_ep_matches_single_process_for_every_router(family, router, tmp_path):
     run_distributed(equivalence_and_training, family, folder, str(tmp_path))
 
 
+def test_ep_matches_single_process_with_shared_experts(family, tmp_path):
+    # shared experts are dense weights: replicated on every rank, beside the sharded routed experts
+    folder = save_tiny(family, tmp_path / "model", num_shared_experts=1, shared_expert_gate=True)
+    run_distributed(equivalence_and_training, family, folder, str(tmp_path))
+
+
 # 4 gloo processes also run on 2 cores (about 15 s each): the README's 4-rank diagram, and one expert per rank
 @pytest.mark.parametrize("ep_size", [2, 4])
 def test_ep_on_4_processes_matches_single_process(family, ep_size, tmp_path):
