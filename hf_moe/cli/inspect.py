@@ -94,6 +94,7 @@ def describe(path: str) -> dict:
             "intermediate_size": config.shared_experts_intermediate_size,  # all of a layer's together
             "gate": config.shared_expert_gate,
         },
+        "residual_moe": config.residual_moe,
         "router_bias_update_rate": config.router_bias_update_rate,
         "z_loss_coef": config.router_z_loss_coef,
         "expert_dropout": config.expert_dropout,
@@ -281,7 +282,12 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['combine_weights']} combine weights"
     )
     shared = summary["shared_experts"]
-    if shared["count"]:
+    if summary["residual_moe"]:
+        print(
+            f"  residual MoE: a dense MLP {shared['intermediate_size']} wide beside the routed expert, mixed per token "
+            "by a learned softmax coefficient"
+        )
+    elif shared["count"]:
         gate = ", sigmoid-gated" if shared["gate"] else ""
         print(
             f"  shared experts: {shared['count']} per layer, always active, {shared['intermediate_size']} wide{gate}"

@@ -236,6 +236,12 @@ def add_parser(subparsers, name: str) -> None:
         help="with --num-shared-experts: scale their output per token by a learned sigmoid gate (Qwen2-MoE)",
     )
     parser.add_argument(
+        "--residual-moe",
+        action="store_true",
+        help="Residual-MoE (DeepSpeed-MoE; needs --top-k 1): a copy of the dense FFN beside the routed expert, mixed "
+        "per token by a learned coefficient that starts at (1/2, 1/2)",
+    )
+    parser.add_argument(
         "--normalize-top-k-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -315,6 +321,7 @@ def _convert_and_save(args: argparse.Namespace):
         "allow_noncausal_routing": True if args.allow_noncausal_routing else None,
         "num_shared_experts": args.num_shared_experts,
         "shared_expert_gate": True if args.shared_expert_gate else None,
+        "residual_moe": True if args.residual_moe else None,
     }
     init_options = {
         "noise_scale": args.noise_scale,

@@ -80,11 +80,12 @@ def dense_from_moe(model: PreTrainedModel, ffn: str | int = "mean") -> PreTraine
             f"{_TOOL}: ffn must be 'mean' or an expert index in [0, {num_experts}) "
             f"(num_local_experts={num_experts}), got {ffn!r}"
         )
-    if config.num_shared_experts:
+    if config.num_shared_experts or config.residual_moe:
         # a dense FFN of the dense width has no room for the shared experts beside the routed ones' mean
+        what = "Residual-MoE's dense MLP" if config.residual_moe else f"{config.num_shared_experts} shared experts"
         raise ValueError(
-            f"{_TOOL} cannot fold shared experts (num_shared_experts={config.num_shared_experts}) into a dense FFN of "
-            "the dense width; hf_moe.mixture_of_students keeps them in a smaller MoE student"
+            f"{_TOOL} cannot fold {what} into a dense FFN of the dense width beside the routed experts; "
+            "hf_moe.mixture_of_students keeps them in a smaller MoE student"
         )
     fold = _fold_factor(config)
     for name, experts in moe_experts(model):

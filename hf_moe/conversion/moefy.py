@@ -28,7 +28,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..modeling._compat import from_config_without_init
 from ..modeling.configuration_moe import HASH_KINDS
-from ..modeling.moe_parts import moe_blocks, moe_part_kind, moe_parts
+from ..modeling.moe_parts import moe_blocks, moe_parts
 from ..modeling.registry import ROUTERS
 from ..modeling.routing import TopKRouter
 from . import gpt2, t5
@@ -218,7 +218,7 @@ def moefy(
         check_granularity(num_experts, top_k, granularity, dense_size)
         moe_fields["moe_intermediate_size"] = dense_size // granularity
     config = family.build_config(dense.config, {**selected_layers, **moe_fields})
-    shared_share = _shared_experts_share(family, dense, config)
+    routed_scale, shared_share = _shared_experts_mix(family, dense, config)
 
     moe, plans = _empty_moe(family, target_class, config, dense, selected_layers)
     dense_state = dense.state_dict()
@@ -229,10 +229,9 @@ def moefy(
         for plan in _progress(plans, progress):
             ffn = plan.kind.dense_ffn(dense_state, plan.dense_names)  # float32 on the CPU: seeded, device-independent
             experts_tensors = init_experts(ffn, num_experts, init, generator, **init_options)
-            # with shared experts, the routed experts give 1 - shared_share of the output and the shared ones the rest
-            scale_expert_outputs(experts_tensors, ffn, output_scale * (1.0 - shared_share))
+            scale_expert_outputs(experts_tensors, ffn, output_scale * routed_scale)
             _write_experts(family, plan, plan.kind.expert_parameters(experts_tensors))
-            if config.num_shared_experts:
+            if shared_share:
                 _write_shared_experts(family, plan, ffn, config, shared_share)
             # small and random, never all zero: with identical experts, equal logits would tie every routing decision
             router = _one_part(plan, "router")
@@ -503,35 +502,43 @@ def _write_experts(family: FamilyMapping, plan: LayerPlan, tensors: dict[str, to
         parameters[name].copy_(tensor)
 
 
-def _shared_experts_share(family: FamilyMapping, dense: PreTrainedModel, config) -> float:
-    """The share of each MoE layer's output the shared experts give at step 0: N / (N + 1) for N shared experts, each
-    a copy of the dense FFN (0 without). The routed experts give the other 1 / (N + 1), so the layer's output is
+def _shared_experts_mix(family: FamilyMapping, dense: PreTrainedModel, config) -> tuple[float, float]:
+    """(the scale of the routed experts' outputs, the share of each MoE layer's output the shared experts give) at
+    step 0, with every shared expert a copy of the dense FFN; (1, 0) without shared experts.
 
-        N / (N + 1) * dense(x) + 1 / (N + 1) * routed(x)
+    N shared experts: the copies give N / (N + 1) and the routed experts, scaled, 1 / (N + 1). Residual-MoE: its
+    coefficient starts at (1/2, 1/2), so the dense MLP gives 1/2 and the routed expert, unscaled, the other 1/2. Either
+    way the layer's output is
 
-    where routed(x) is what the same conversion without shared experts gives: wherever that is the dense FFN (copies
-    with combine weights summing to 1, split with top_k == num_experts, granular), so is this. Raises `ValueError`
-    when the shared experts are not of the dense FFN's width (copies need it)."""
-    num_shared = config.num_shared_experts
+        share * dense(x) + (1 - share) * routed(x)
+
+    where routed(x) is what the same conversion without them gives: wherever that is the dense FFN (copies with
+    combine weights summing to 1, split with top_k == num_experts, granular), so is this. Raises `ValueError` when
+    the shared experts are not of the dense FFN's width (copies need it)."""
+    num_shared = config.num_shared_experts or int(config.residual_moe)
     if not num_shared:
-        return 0.0
+        return 1.0, 0.0
     dense_width = family.dense_intermediate_size(dense)
     shared_width = config.shared_expert_intermediate_size or config.expert_intermediate_size
     if shared_width != dense_width:
+        what = "Residual-MoE's dense MLP" if config.residual_moe else "each shared expert"
         raise ValueError(
-            f"moefy starts each shared expert as a copy of the dense FFN ({dense_width} neurons), but the shared experts "
-            f"would have {shared_width} (shared_expert_intermediate_size, else the routed experts' width); pass "
+            f"moefy starts {what} as a copy of the dense FFN ({dense_width} neurons), but it would have "
+            f"{shared_width} (shared_expert_intermediate_size, else the routed experts' width); pass "
             f"shared_expert_intermediate_size={dense_width}"
         )
-    return num_shared / (num_shared + 1)
+    if config.residual_moe:
+        return 1.0, 0.5
+    return 1.0 / (num_shared + 1), num_shared / (num_shared + 1)
 
 
 def _write_shared_experts(family: FamilyMapping, plan: LayerPlan, ffn, config, shared_share: float) -> None:
     shared = plan.block.shared_experts
-    # the gate starts at sigmoid(0) = 1/2 for every token: the copies' output is doubled to make up for it
-    gate_value = 0.5 if shared.gate is not None else 1.0
-    output_scale = shared_share / (config.num_shared_experts * gate_value)
-    tensors = shared_experts_from_dense(ffn, config.num_shared_experts, output_scale)
+    # a gate or Residual-MoE's coefficient starts at 1/2 for every token: the copies' output is doubled to make up
+    # for it (the coefficient also halves the routed output, whose scale is therefore left alone)
+    starts_at = 0.5 if shared.gate is not None or config.residual_moe else 1.0
+    output_scale = shared_share / (shared.num_shared_experts * starts_at)
+    tensors = shared_experts_from_dense(ffn, shared.num_shared_experts, output_scale)
     with_expert_dim = plan.kind.expert_parameters({name: tensor.unsqueeze(0) for name, tensor in tensors.items()})
     parameters = dict(shared.named_parameters())
     if shared.gate is not None:
@@ -543,6 +550,9 @@ def _write_shared_experts(family: FamilyMapping, plan: LayerPlan, ffn, config, s
         )
     for name, tensor in with_expert_dim.items():
         parameters[name].copy_(tensor.squeeze(0))
+    if plan.block.residual_coefficient is not None:
+        plan.block.residual_coefficient.weight.zero_()
+        plan.block.residual_coefficient.bias.zero_()
 
 
 def _copy_shared_weights(dense_state: dict, moe: PreTrainedModel, plans: list[LayerPlan]) -> None:
@@ -550,10 +560,10 @@ def _copy_shared_weights(dense_state: dict, moe: PreTrainedModel, plans: list[La
     moe_state = moe.state_dict()
     consumed = {name for plan in plans for name in plan.dense_names.values()}
     # routers and experts are written by the router init and the init method, whatever their tensors are called; the
-    # shared experts by `_write_shared_experts`
+    # shared experts and Residual-MoE's coefficient by `_write_shared_experts`
     initialized = router_and_expert_weight_names(moe) | {
-        f"{name}.{key}" for name, module in moe.named_modules() if moe_part_kind(module) == "shared_experts"
-        for key in module.state_dict()
+        f"{name}.{part}.{key}" for name, block in moe_blocks(moe) for part in ("shared_experts", "residual_coefficient")
+        if getattr(block, part, None) is not None for key in getattr(block, part).state_dict()
     }  # fmt: skip
     with torch.no_grad():
         for name, target in moe_state.items():

@@ -189,7 +189,15 @@ def _detail_rows(config) -> list[tuple[str, str]]:
     for label, (indices, num_layers) in _moe_layers(config).items():
         rows.append((f"MoE layers{label}", _layers(indices, num_layers)))
     rows.append(("Expert FFN size", str(config.expert_intermediate_size)))
-    if config.num_shared_experts:
+    if config.residual_moe:
+        rows.append(
+            (
+                "Residual MoE",
+                f"a dense MLP ({config.shared_experts_intermediate_size} neurons) beside the routed top-1 expert, "
+                "mixed per token by a learned 2-way softmax coefficient (DeepSpeed-MoE)",
+            )
+        )
+    elif config.num_shared_experts:
         gate = ", scaled per token by a learned sigmoid gate" if config.shared_expert_gate else ""
         rows.append(
             (

@@ -92,7 +92,7 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
             + self.n_layer * (2 * layer_norm + attention)
             + layer_norm
             + num_dense * dense_ffn
-            + num_moe * (router + shared_experts)
+            + num_moe * (router + shared_experts + self.residual_coefficient_parameters(hidden))
         )
         if not self.tie_word_embeddings:
             shared += self.vocab_size * hidden

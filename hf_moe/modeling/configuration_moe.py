@@ -89,6 +89,9 @@ class MoeConfigFields:
     shared_expert_intermediate_size: int | None = None
     # scale the shared experts' output per token by a learned sigmoid gate, sigmoid(x . w) (Qwen2-MoE)
     shared_expert_gate: bool = False
+    # Residual-MoE (DeepSpeed-MoE, Rajbhandari et al. 2022): a fixed dense MLP (shared_expert_intermediate_size wide)
+    # beside the routed top-1 expert, mixed with it per token by a learned 2-way softmax coefficient
+    residual_moe: bool = False
     # return the router logits of every MoE layer in the outputs
     output_router_logits: bool = False
     # hash router: independent hashes per token (MultiHash, Roller et al. 2021); each picks the expert of one of
@@ -128,10 +131,24 @@ class MoeConfigFields:
                 )
         if not isinstance(self.shared_expert_gate, bool):
             raise TypeError(f"shared_expert_gate must be True or False, got {self.shared_expert_gate!r}")
-        if self.num_shared_experts == 0 and (self.shared_expert_gate or self.shared_expert_intermediate_size):
+        if not isinstance(self.residual_moe, bool):
+            raise TypeError(f"residual_moe must be True or False, got {self.residual_moe!r}")
+        if self.residual_moe:
+            if self.num_shared_experts or self.shared_expert_gate:
+                raise ValueError(
+                    "residual_moe=True has its own dense MLP and mixing coefficient; it cannot be combined with "
+                    f"num_shared_experts={self.num_shared_experts} / shared_expert_gate={self.shared_expert_gate} "
+                    "(leave those unset; shared_expert_intermediate_size sets the MLP's width)"
+                )
+            if self.num_experts_per_tok != 1:
+                raise ValueError(
+                    "residual_moe=True is DeepSpeed-MoE's top-1 design (one routed expert beside the dense MLP: "
+                    f"top-2 quality at top-1 cost); set num_experts_per_tok=1, got {self.num_experts_per_tok}"
+                )
+        elif self.num_shared_experts == 0 and (self.shared_expert_gate or self.shared_expert_intermediate_size):
             raise ValueError(
                 "shared_expert_gate / shared_expert_intermediate_size configure shared experts, but "
-                "num_shared_experts=0; set num_shared_experts >= 1 or leave them unset"
+                "num_shared_experts=0; set num_shared_experts >= 1 (or residual_moe=True) or leave them unset"
             )
 
     def validate_moe_routing(self):
@@ -251,9 +268,14 @@ class MoeConfigFields:
 
     @property
     def shared_experts_intermediate_size(self) -> int:
-        """Hidden size of all shared experts of a layer together (they run as one FFN of that width); 0 without."""
+        """Hidden size of all shared experts of a layer together (they run as one FFN of that width; Residual-MoE's
+        dense MLP is one); 0 without."""
         width = self.shared_expert_intermediate_size or self.expert_intermediate_size
-        return self.num_shared_experts * width
+        return (self.num_shared_experts or int(self.residual_moe)) * width
+
+    def residual_coefficient_parameters(self, hidden_size: int) -> int:
+        """Parameters of one MoE layer's Residual-MoE mixing coefficient (a Linear(D, 2) with bias); 0 without."""
+        return 2 * hidden_size + 2 if self.residual_moe else 0
 
     @property
     def normalizes_top_k_weights(self) -> bool:

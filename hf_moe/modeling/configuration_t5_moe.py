@@ -106,7 +106,7 @@ class T5MoeConfig(MoeConfigFields, T5Config):
             + self.num_decoder_layers * decoder_block
             + 2 * (relative_bias + hidden)  # each stack: relative position bias and final layer norm
             + num_dense * dense_ffn
-            + num_moe * (router + shared_experts)
+            + num_moe * (router + shared_experts + self.residual_coefficient_parameters(hidden))
         )
         experts = num_moe * self.num_local_experts * one_expert
         active_experts = round(num_moe * self.experts_per_token * one_expert)

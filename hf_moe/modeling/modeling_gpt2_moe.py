@@ -113,7 +113,7 @@ class GPT2MoeBlock(GPT2Block):
         if self.is_moe:
             # the diff with GPT-2: mlp -> sparse MoE block, then GPT-2's residual dropout (the dense MLP's last step)
             shared = None
-            if config.num_shared_experts:
+            if config.num_shared_experts or config.residual_moe:
                 shared = SharedExperts(
                     config, hidden_size=config.n_embd, activation=config.activation_function, gated=False, bias=True,
                     transposed=True,

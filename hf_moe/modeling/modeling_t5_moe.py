@@ -171,7 +171,7 @@ class T5MoeLayerFF(T5LayerFF):
         if is_moe:
             experts = T5MoeGatedExperts(config) if config.is_gated_act else T5MoeExperts(config)
             shared = None
-            if config.num_shared_experts:
+            if config.num_shared_experts or config.residual_moe:
                 shared = SharedExperts(
                     config, hidden_size=config.d_model, activation=config.dense_act_fn, gated=config.is_gated_act,
                     bias=False, transposed=False,

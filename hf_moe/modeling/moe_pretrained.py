@@ -118,6 +118,10 @@ class MoePreTrainedMixin(PrivateModelHooks):
             for name in module.losses.float32_buffers:  # the global batch's loads, when that scope is on
                 if getattr(module.losses, name, None) is not None:
                     init.zeros_(getattr(module.losses, name))
+            if getattr(module, "residual_coefficient", None) is not None:
+                # Residual-MoE's mixing starts even, (1/2, 1/2), for every token
+                init.zeros_(module.residual_coefficient.weight)
+                init.zeros_(module.residual_coefficient.bias)
         elif kind == "router":
             module.init_weights(self.config.router_init_std)
 

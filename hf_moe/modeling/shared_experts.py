@@ -6,6 +6,11 @@ by a learned sigmoid gate. The layer's output is
 
     routed_TD + gate_T1 * sum_s shared_s(x_TD),        gate_T1 = sigmoid(x_TD @ w_D1) with the gate, else 1
 
+Residual-MoE (DeepSpeed-MoE, Rajbhandari et al. 2022, arXiv 2201.05596) uses one such FFN as its fixed dense MLP
+and mixes it with the routed top-1 expert by a per-token 2-way softmax (`SparseMoeBlock.residual_coefficient`):
+
+    c_T2 = softmax(x_TD @ W_D2 + b_2),      out_TD = c_T2[:, 0] * mlp(x_TD) + c_T2[:, 1] * routed_TD
+
 A sum of FFNs with elementwise activations is one FFN whose hidden units are theirs side by side, so the shared
 experts are stored and run as one FFN of their summed width (DeepSeek-V2's `shared_experts` is the same), in the
 routed experts' layout and parameter names without the expert dimension (`up_proj` or `gate_up_proj`, `down_proj`,
@@ -39,7 +44,7 @@ class SharedExperts(nn.Module):
     def __init__(self, config, *, hidden_size: int, activation: str, gated: bool, bias: bool, transposed: bool):
         super().__init__()
         self.hidden_dim = hidden_size
-        self.num_shared_experts = config.num_shared_experts
+        self.num_shared_experts = config.num_shared_experts or 1  # Residual-MoE: its one dense MLP
         self.gated = gated
         self.transposed = transposed
         self.act_fn = ACT2FN[activation]

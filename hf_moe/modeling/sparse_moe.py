@@ -7,7 +7,8 @@ hidden (B,S,D) -> RoutingInputs(hidden_TD, B, token_mask_T, input_ids_T)
    router                         -> RouterDecision(logits_TE, top_k_index_TK, top_k_weights_TK)
    capacity (dispatch.py)         -> kept_TK or None (dropless)
    experts on the kept slots      -> out_TD                   (a dropped slot adds 0: the residual carries the token)
-   + shared experts (optional)    -> out_TD -> (B,S,D)        (every token, `shared_experts.py`)
+   + shared experts (optional)    -> out_TD -> (B,S,D)        (every token, `shared_experts.py`; Residual-MoE:
+                                                               c_0 * dense MLP + c_1 * routed, c = softmax(x W + b))
    router losses (losses.py)      -> RouterLossValues(balance_loss, z_loss), recorded for the model's loss
    counters                       += this forward's assignments, drops, entropy, losses
 ```
@@ -177,6 +178,8 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         self.experts = experts
         # always-active FFNs added to the routed output (`shared_experts.py`); None without
         self.shared_experts = shared_experts
+        # Residual-MoE: per-token softmax weights of (the dense MLP, the routed expert); starts at (1/2, 1/2)
+        self.residual_coefficient = nn.Linear(experts.hidden_dim, 2) if config.residual_moe else None
         # a router that bounds the expert loads itself (expert choice) gets no capacity on top
         self.capacity = Capacity(config, dropless=self.router.owns_capacity)
         self.losses = RouterLosses(config, learned=self.router.learned)
@@ -220,7 +223,11 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
             kept_TK,
             always_call=self._is_expert_parallel,
         )
-        if self.shared_experts is not None:
+        if self.residual_coefficient is not None:
+            coefficient_T2 = torch.softmax(self.residual_coefficient(inputs.hidden_TD).float(), dim=-1)
+            coefficient_T2 = coefficient_T2.to(out_TD.dtype)
+            out_TD = coefficient_T2[:, :1] * self.shared_experts(inputs.hidden_TD) + coefficient_T2[:, 1:] * out_TD
+        elif self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(inputs.hidden_TD)
         losses = self.losses(decision, weights_TK, inputs.token_mask_T, inputs.num_sequences, self.counting)
         if self.counting:

@@ -176,3 +176,19 @@ def test_moefy_shared_expert_gate_needs_shared_experts(dense_folder, tmp_path, c
     assert main(["moefy", str(dense_folder), str(tmp_path / "moe"), "--shared-expert-gate"]) == 2
     assert "num_shared_experts=0" in capsys.readouterr().err
     assert not (tmp_path / "moe").exists()
+
+
+def test_moefy_residual_moe_from_the_cli_preserves_the_dense_model(dense_folder, tmp_path, capsys):
+    out = tmp_path / "moe"
+    argv = ["moefy", str(dense_folder), str(out), "--num-experts", "4", "--top-k", "1", "--residual-moe"]
+    assert main([*argv, "--normalize-top-k-weights"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "residual MoE: a dense MLP 64 wide beside the routed expert" in capsys.readouterr().out
+    assert "| Residual MoE | a dense MLP (64 neurons)" in (out / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    dense = GPT2LMHeadModel.from_pretrained(dense_folder).eval()
+    input_ids = torch.randint(2, 99, (1, 6))
+    torch.testing.assert_close(model(input_ids).logits, dense(input_ids).logits, rtol=1e-5, atol=1e-5)
+    assert main(["moefy", str(dense_folder), str(tmp_path / "top2"), "--residual-moe"]) == 2
+    assert "set num_experts_per_tok=1" in capsys.readouterr().err

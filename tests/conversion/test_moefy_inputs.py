@@ -50,8 +50,8 @@ def test_a_misspelt_override_is_rejected_with_a_hint():
 
 def test_unsupported_settings_are_rejected_not_stored():
     # settings of features hf_moe does not have (yet): refused, with a hint where a real field is close
-    with pytest.raises(ValueError, match="'router_init_scale'.*'residual_moe'") as error:
-        moefy(dense_t5(), num_experts=2, top_k=1, router_init_scale=2.0, residual_moe=True)
+    with pytest.raises(ValueError, match="'router_init_scale'.*'pyramid_layers'") as error:
+        moefy(dense_t5(), num_experts=2, top_k=1, router_init_scale=2.0, pyramid_layers=True)
     assert "did you mean 'router_init_std'" in str(error.value)
     assert "not an MoE config field of t5 models" in str(error.value)
 

@@ -65,7 +65,7 @@ def test_shared_experts_of_another_width_are_refused_with_the_width_to_use():
 
 def test_dense_from_moe_refuses_shared_experts_and_mixture_of_students_keeps_them():
     moe = moefy(dense_gpt2(), num_experts=4, top_k=2, num_shared_experts=1, seed=1).eval()
-    with pytest.raises(ValueError, match="cannot fold shared experts"):
+    with pytest.raises(ValueError, match="cannot fold 1 shared experts"):
         dense_from_moe(moe)
     student = mixture_of_students(moe, "all", None).eval()
     torch.testing.assert_close(student(INPUT_IDS).logits, moe(INPUT_IDS).logits)
@@ -74,3 +74,30 @@ def test_dense_from_moe_refuses_shared_experts_and_mixture_of_students_keeps_the
     torch.testing.assert_close(
         smaller.transformer.h[0].mlp.shared_experts.up_proj, moe.transformer.h[2].mlp.shared_experts.up_proj
     )
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_residual_moe_upcycling_mixes_half_dense_half_routed(family):
+    # top-1 with weight 1 (normalized): the copied expert is the dense FFN, so the even mix is the dense model
+    if family == "gpt2":
+        dense, inputs = dense_gpt2(), {"input_ids": INPUT_IDS}
+    else:
+        torch.manual_seed(0)
+        dense, inputs = T5ForConditionalGeneration(T5Config(**T5_FIELDS, **T5_KINDS["v1.1"])).eval(), T5_INPUTS
+    options = dict(num_experts=4, top_k=1, residual_moe=True)
+    moe = moefy(dense, normalize_top_k_weights=True, **options).eval()
+    torch.testing.assert_close(moe(**inputs).logits, dense(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert moe.moefy_report.init_options["shared_experts_share"] == 0.5
+    with pytest.raises(ValueError, match="cannot fold Residual-MoE's dense MLP"):
+        dense_from_moe(moe)
+    if family == "gpt2":
+        # Switch's raw top-1 probability: the routed half is p * dense(x), layer by layer, as without the MLP
+        plain = moefy(dense, seed=2, **{**options, "residual_moe": False}).eval()
+        residual = moefy(dense, seed=2, **options).eval()
+        hidden = torch.randn(2, 5, 32)
+        for plain_block, residual_block, layer in zip(
+            (b for _, b in moe_blocks(plain)), (b for _, b in moe_blocks(residual)), dense.transformer.h, strict=True
+        ):
+            with torch.no_grad():
+                expected = 0.5 * layer.mlp(hidden) + 0.5 * plain_block(hidden)
+                torch.testing.assert_close(residual_block(hidden), expected, rtol=1e-5, atol=1e-5)

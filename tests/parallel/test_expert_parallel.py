@@ -47,9 +47,17 @@ def test_ep_matches_single_process_for_every_router(family, router, tmp_path):
     run_distributed(equivalence_and_training, family, folder, str(tmp_path))
 
 
-def test_ep_matches_single_process_with_shared_experts(family, tmp_path):
-    # shared experts are dense weights: replicated on every rank, beside the sharded routed experts
-    folder = save_tiny(family, tmp_path / "model", num_shared_experts=1, shared_expert_gate=True)
+SHARED_EXPERT_OVERRIDES = {
+    "shared_gated": dict(num_shared_experts=1, shared_expert_gate=True),
+    "residual_moe": dict(residual_moe=True, num_experts_per_tok=1),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(SHARED_EXPERT_OVERRIDES))
+def test_ep_matches_single_process_with_shared_experts(family, architecture, tmp_path):
+    # shared experts (Residual-MoE's dense MLP and coefficient too) are dense weights: replicated on every rank,
+    # beside the sharded routed experts
+    folder = save_tiny(family, tmp_path / "model", **SHARED_EXPERT_OVERRIDES[architecture])
     run_distributed(equivalence_and_training, family, folder, str(tmp_path))
 
 
