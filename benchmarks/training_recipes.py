@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import sysconfig
@@ -49,6 +47,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from bench_env import environment, write_atomically
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 import hf_moe
@@ -388,31 +387,6 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {row['study']} | {row['group']} | {row['arm']} | {row['metric']} | {mean:.4f} ± {std:.4f} | {versus} |"
         )
     return "\n".join(lines)
-
-
-def environment() -> dict:
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "hf_moe": hf_moe.__version__,
-        "python": platform.python_version(),
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A temporary file next to `path`, then a rename: an interrupted run leaves no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
 
 
 def main(argv: list[str] | None = None) -> dict:

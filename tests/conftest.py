@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +48,11 @@ def tiny_word_tokenizer(vocab_size: int = 99):
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", bos_token="<eos>"
     )
+
+
+def benchmarks_on_path() -> None:
+    """Put benchmarks/ on sys.path before a test loads one of its scripts: the scripts import their sibling helpers
+    (bench_env.py), as `python benchmarks/x.py` lets them."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import benchmarks_on_path
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_layer.py"
 
 
 def _load_benchmark():
     # benchmarks/ is a folder of scripts, not a package: load the file as a module
+    benchmarks_on_path()
     spec = importlib.util.spec_from_file_location("moe_layer_benchmark", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     # dataclasses resolve string annotations through sys.modules, so the module must be registered first
@@ -46,6 +49,7 @@ def test_moe_layer_benchmark_quick_mode_runs(tmp_path, capsys):
 @pytest.mark.parametrize("family", ["gpt2", "t5"])  # T5 on span corruption of the same text
 def test_upcycling_quality_benchmark_smoke_size_runs(family, tmp_path):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "upcycling_quality.py"
+    benchmarks_on_path()
     spec = importlib.util.spec_from_file_location("upcycling_quality_benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = benchmark

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import benchmarks_on_path
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "training_recipes.py"
 
 
 @pytest.fixture(scope="module")
 def recipes():
     # benchmarks/ is a folder of scripts, not a package: load the file as a module
+    benchmarks_on_path()
     spec = importlib.util.spec_from_file_location("training_recipes_benchmark", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     # dataclasses resolve string annotations through sys.modules, so the module must be registered first
