@@ -284,7 +284,8 @@ def test_text_generation_pipeline_knows_the_family(caplog):
 
 
 @pytest.mark.parametrize(
-    ("field", "hint"), [("capacity_factr", "capacity_factor"), ("pyramid_experts", None), ("num_expert", "num_experts")]
+    ("field", "hint"),
+    [("capacity_factr", "capacity_factor"), ("pyramid_experts", None), ("num_expert", "num_experts")],
 )
 def test_unknown_moe_looking_config_fields_warn(field, hint):
     with pytest.warns(UserWarning, match=field) as record:
