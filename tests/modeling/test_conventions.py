@@ -112,6 +112,32 @@ def test_fullgraph_compiled_training_step_with_per_step_balancing(fields):
         assert all(block.losses.global_slots.item() == 2 * 12 for _, block in moe_blocks(model))
 
 
+# the architectures beside the routed experts: their extra weights must cast and trace like the rest
+ARCHITECTURES = {
+    "shared_gated": dict(num_shared_experts=2, shared_expert_gate=True),
+    "residual_moe": dict(residual_moe=True, num_experts_per_tok=1),
+}
+
+
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.usefixtures("fresh_compiler")
+def test_shared_expert_architectures_cast_and_compile(family, architecture):
+    model = tiny(family, **ARCHITECTURES[architecture]).train()
+    batch = inputs_for(model)
+    labels = batch.get("decoder_input_ids", batch["input_ids"])
+    eager_loss = copy.deepcopy(model)(**batch, labels=labels).loss
+    loss = torch.compile(model, fullgraph=True, backend="eager")(**batch, labels=labels).loss
+    torch.testing.assert_close(loss, eager_loss)
+    loss.backward()
+    shared = [block.shared_experts for _, block in moe_blocks(model)]
+    assert all(module.down_proj.grad is not None for module in shared)
+    model = model.eval().bfloat16()
+    assert all(module.down_proj.dtype == torch.bfloat16 for module in shared)
+    assert model(**batch).logits.dtype == torch.bfloat16
+
+
 @pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.usefixtures("fresh_compiler")
