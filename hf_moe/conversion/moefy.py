@@ -533,6 +533,8 @@ def _shared_experts_mix(family: FamilyMapping, dense: PreTrainedModel, config) -
 
 
 def _write_shared_experts(family: FamilyMapping, plan: LayerPlan, ffn, config, shared_share: float) -> None:
+    """Fill the layer's shared experts with copies of the dense FFN giving `shared_share` of the output at step 0
+    (gate and Residual-MoE coefficient at 0)."""
     shared = plan.block.shared_experts
     # a gate or Residual-MoE's coefficient starts at 1/2 for every token: the copies' output is doubled to make up
     # for it (the coefficient also halves the routed output, whose scale is therefore left alone)

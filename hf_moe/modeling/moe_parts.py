@@ -1,6 +1,6 @@
 """The one way to find a model's MoE parts: blocks, routers, experts.
 
-Each part's class says what it is in a `moe_part` class attribute ("block", "router", "experts"). Found by that text,
+Each part's class says what it is in a `moe_part` class attribute ("block", "router", "experts", "shared_experts"). Found by that text,
 not by class: a checkpoint loaded with `trust_remote_code=True` brings its own copies of these classes, which are not
 hf_moe's objects but carry the same marker. Callbacks, optimizer presets, schedules, parallel helpers and the demo all
 go through here.
@@ -14,11 +14,11 @@ from torch import nn
 
 __all__ = ["MOE_PART_KINDS", "moe_blocks", "moe_experts", "moe_part_kind", "moe_parts", "moe_routers"]
 
-MOE_PART_KINDS = ("block", "router", "experts")
+MOE_PART_KINDS = ("block", "router", "experts", "shared_experts")
 
 
 def moe_part_kind(module: nn.Module) -> str | None:
-    """ "block", "router", "experts", or None for a module that is no MoE part."""
+    """ "block", "router", "experts", "shared_experts", or None for a module that is no MoE part."""
     return getattr(type(module), "moe_part", None)
 
 
