@@ -65,7 +65,10 @@ def describe(path: str) -> dict:
         "model_type": config.model_type,
         "architectures": getattr(config, "architectures", None),
         "moe_layers": moe_layers,
-        "experts_per_layer": config.num_local_experts,
+        # a PR-MoE pyramid: one count per MoE layer, in module order
+        "experts_per_layer": config.num_local_experts
+        if config.num_experts_per_layer is None
+        else list(config.num_experts_per_layer),
         # as the router counts them (expert choice: its capacity factor, on average)
         "experts_per_token": config.experts_per_token if config.router_type in ROUTERS else config.num_experts_per_tok,
         "router_type": config.router_type,

@@ -74,6 +74,12 @@ def dense_from_moe(model: PreTrainedModel, ffn: str | int = "mean") -> PreTraine
     """
     family, dense_class_name = _family_and_dense_class(model)
     config = model.config
+    if config.num_experts_per_layer is not None:
+        # the combine-weight scale folded into the FFN depends on E, which differs from layer to layer
+        raise ValueError(
+            f"{_TOOL} takes MoEs with one expert count in every MoE layer; this one is a PR-MoE pyramid "
+            f"(num_experts_per_layer={config.num_experts_per_layer})"
+        )
     num_experts = config.num_local_experts
     if ffn != "mean" and (isinstance(ffn, bool) or not isinstance(ffn, int) or not 0 <= ffn < num_experts):
         raise ValueError(

@@ -63,6 +63,7 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # MoE config fields that moefy sets from its own named arguments: an override of them would be ambiguous
 _SET_BY_ARGUMENT = {
     "num_local_experts": "num_experts",
+    "num_experts_per_layer": "num_experts",
     "num_experts_per_tok": "top_k",
     "router_type": "router_type",
     "hash_kind": "hash_kind",
@@ -76,7 +77,7 @@ _HASH_FIELDS = ("num_hash_heads", "hash_seed")
 def moefy(
     model_or_path: PreTrainedModel | str | Path,
     *,
-    num_experts: int = 8,
+    num_experts: int | list[int] = 8,
     top_k: int = 2,
     router_type: str = "topk",
     hash_kind: str | None = None,
@@ -103,6 +104,8 @@ def moefy(
 
     Args:
         num_experts, top_k, router_type: experts per MoE layer, experts per token, router by registry name.
+            A list gives each MoE layer its own count, in module order (a PR-MoE pyramid, `num_experts_per_layer`),
+            with init "copy", "noise" or "drop_upcycle", the random router init and no weight scaling.
         hash_kind: router_type="hash" only: how the token -> expert table is built: "random" (the default: seeded by
             `seed`, or the `hash_seed` override), "balanced" (greedy bin packing of the token frequencies of
             `hash_corpus`, counted with the source folder's tokenizer) or "clustered" (k-means of the dense model's
@@ -144,6 +147,9 @@ def moefy(
     """
     if init not in INIT_METHODS:
         raise ValueError(f"init must be one of {tuple(INIT_METHODS)}, got {init!r}")
+    pyramid = _check_pyramid_arguments(num_experts, init, router_init, scale_weights, hash_kind)
+    if pyramid is not None:
+        num_experts = max(pyramid)  # the model-wide bound (the config's num_local_experts)
     hash_kind, hash_corpus = _check_hash_arguments(router_type, hash_kind, hash_corpus, top_k, config_overrides)
     router_data = check_router_init_arguments(
         router_init,
@@ -177,6 +183,8 @@ def moefy(
     _check_recipe_arguments(init, granularity, num_experts, top_k, router_init, config_overrides)
 
     moe_fields = {"num_local_experts": num_experts, "num_experts_per_tok": top_k, "router_type": router_type}
+    if pyramid is not None:
+        moe_fields["num_experts_per_layer"] = pyramid
     if hash_kind is not None:
         moe_fields["hash_seed"] = seed  # `seed` seeds every random choice, the random table too
     moe_fields.update(config_overrides)
@@ -228,7 +236,9 @@ def moefy(
     with torch.no_grad():
         for plan in _progress(plans, progress):
             ffn = plan.kind.dense_ffn(dense_state, plan.dense_names)  # float32 on the CPU: seeded, device-independent
-            experts_tensors = init_experts(ffn, num_experts, init, generator, **init_options)
+            # the layer's own count (a pyramid's layers differ)
+            layer_experts = _one_part(plan, "experts").num_experts
+            experts_tensors = init_experts(ffn, layer_experts, init, generator, **init_options)
             scale_expert_outputs(experts_tensors, ffn, output_scale * routed_scale)
             _write_experts(family, plan, plan.kind.expert_parameters(experts_tensors))
             if shared_share:
@@ -286,7 +296,7 @@ def moefy(
             **({"shared_experts_share": shared_share} if shared_share else {}),
         },
         seed=seed,
-        num_experts=num_experts,
+        num_experts=pyramid if pyramid is not None else num_experts,
         top_k=top_k,
         router_type=router_type,
         router_init=router_init,
@@ -500,6 +510,28 @@ def _write_experts(family: FamilyMapping, plan: LayerPlan, tensors: dict[str, to
                 f"makes {tuple(tensor.shape)} (a missing or wrong `transpose` in the mapping?)"
             )
         parameters[name].copy_(tensor)
+
+
+def _check_pyramid_arguments(num_experts, init: str, router_init: str, scale_weights, hash_kind) -> list[int] | None:
+    """A per-layer expert list (PR-MoE) as a list of ints, or None for one count; `ValueError` for the recipes that
+    make every layer alike (their checks and tables take one expert count)."""
+    if not isinstance(num_experts, (list, tuple)):
+        return None
+    if not num_experts or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in num_experts):
+        raise ValueError(f"num_experts must be an int or a list of ints >= 1 (one per MoE layer), got {num_experts!r}")
+    unsupported = {
+        "init": (init, ("copy", "noise", "drop_upcycle")),
+        "router_init": (router_init, ("random",)),
+        "scale_weights": (scale_weights, (None, False)),
+        "hash_kind": (hash_kind, (None, "random")),
+    }
+    for name, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise ValueError(
+                f"a per-layer num_experts list (PR-MoE) works with {name} in {allowed}, got {name}={value!r}: those "
+                "recipes build every layer with one expert count"
+            )
+    return list(num_experts)
 
 
 def _shared_experts_mix(family: FamilyMapping, dense: PreTrainedModel, config) -> tuple[float, float]:

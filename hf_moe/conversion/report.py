@@ -20,7 +20,7 @@ class ConversionReport:
     init_method: str
     init_options: dict
     seed: int
-    num_experts: int
+    num_experts: int | list[int]  # a list: one count per MoE layer (PR-MoE)
     top_k: int
     router_type: str
     moe_layers: list[int] | dict[str, list[int]]  # GPT-2: indices; T5: {"encoder": [...], "decoder": [...]}

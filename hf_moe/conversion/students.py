@@ -87,6 +87,11 @@ def mixture_of_students(
         raise TypeError(f"{_TOOL} takes an hf_moe MoE model, got {type(teacher).__name__}")
     family, _ = _family_and_dense_class(teacher)
     config = teacher.config
+    if config.num_experts_per_layer is not None:
+        raise ValueError(
+            f"{_TOOL} takes teachers with one expert count in every MoE layer; this one is a PR-MoE pyramid "
+            f"(num_experts_per_layer={config.num_experts_per_layer}), whose layer and expert selection is not built yet"
+        )
     kept_experts = _select_experts(experts, config.num_local_experts, config.num_experts_per_tok)
     subset = kept_experts != list(range(config.num_local_experts))
     _check_routers_and_experts(teacher, config, subset)

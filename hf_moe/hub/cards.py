@@ -127,7 +127,10 @@ def render_model_card(
         family_name=family_name,
         architecture=architecture,
         model_type=config.model_type,
-        num_experts=config.num_local_experts,
+        # a pyramid: "4 to 8" experts (each layer its own count)
+        num_experts=config.num_local_experts
+        if config.num_experts_per_layer is None
+        else f"{min(config.num_experts_per_layer)} to {max(config.num_experts_per_layer)}",
         top_k=config.num_experts_per_tok,
         total_parameters=_count(counts["total"]),
         active_parameters=_count(counts["active"]),
@@ -231,7 +234,12 @@ def _routing_rows(config) -> list[tuple[str, str]]:
         f"logit noise std {config.router_logit_noise_std}" if config.router_logit_noise_std else "",
     ]
     return [
-        ("Experts per MoE layer", str(config.num_local_experts)),
+        (
+            "Experts per MoE layer",
+            str(config.num_local_experts)
+            if config.num_experts_per_layer is None
+            else f"{config.num_experts_per_layer} (a PR-MoE pyramid, layer by layer)",
+        ),
         ("Experts per token", _experts_per_token(config)),
         ("Router", f"`{config.router_type}`: {_registry_label(ROUTERS, config.router_type)}"),
         *_router_settings(config).items(),

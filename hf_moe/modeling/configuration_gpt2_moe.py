@@ -58,6 +58,18 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
         return sorted(self.moe_layers) if self.moe_layers is not None else list(range(self.n_layer))
 
     @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_indices)
+
+    @property
+    def moe_layers_description(self) -> str:
+        return f"blocks {self.moe_layer_indices}"
+
+    def moe_layer_config_of_block(self, layer_idx: int):
+        """The config block `layer_idx`'s MoE layer is built from (`moe_layer_config`)."""
+        return self.moe_layer_config(self.moe_layer_indices.index(layer_idx))
+
+    @property
     def has_causal_moe_layers(self) -> bool:
         """Whether some MoE layer sits in a causal stack (every GPT-2 block is causal)."""
         return bool(self.moe_layer_indices)
@@ -77,8 +89,7 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
         layer_norm = 2 * hidden
         attention = hidden * 3 * hidden + 3 * hidden + hidden * hidden + hidden
         dense_ffn = 2 * hidden * inner + inner + hidden
-        one_expert = 2 * hidden * expert_inner + expert_inner + hidden
-        router = self.router_parameters(hidden)
+        routed = self.routed_expert_counts(hidden, 2 * hidden * expert_inner + expert_inner + hidden)
         shared_inner = self.shared_experts_intermediate_size
         # always active, like the dense weights: counted with them (and in `shared_experts`)
         shared_experts = (2 * hidden * shared_inner + shared_inner + hidden if shared_inner else 0) + (
@@ -92,12 +103,12 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
             + self.n_layer * (2 * layer_norm + attention)
             + layer_norm
             + num_dense * dense_ffn
-            + num_moe * (router + shared_experts + self.residual_coefficient_parameters(hidden))
+            + routed["routers"]
+            + num_moe * (shared_experts + self.residual_coefficient_parameters(hidden))
         )
         if not self.tie_word_embeddings:
             shared += self.vocab_size * hidden
-        experts = num_moe * self.num_local_experts * one_expert
-        active_experts = round(num_moe * self.experts_per_token * one_expert)
+        experts, active_experts = routed["experts"], routed["active_experts"]
         return {
             "total": shared + experts,
             "active": shared + active_experts,

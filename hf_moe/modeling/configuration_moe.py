@@ -20,7 +20,7 @@ from .dispatch import CAPACITY_SCOPES, DROP_POLICIES
 from .losses import AUX_LOSS_SCOPES
 from .registry import BALANCE_LOSSES, ROUTERS
 
-__all__ = ["HASH_KINDS", "MoeConfigFields", "moe_field_names", "validate_layer_list"]
+__all__ = ["HASH_KINDS", "MoeConfigFields", "MoeLayerConfig", "moe_field_names", "validate_layer_list"]
 
 HASH_KINDS = ("random", "balanced", "clustered")
 
@@ -34,6 +34,10 @@ _TRANSFORMERS_KEYS = {"experts_implementation", "_experts_implementation", "_exp
 class MoeConfigFields:
     # number of experts in every MoE layer (alias: `num_experts`)
     num_local_experts: int = 8
+    # PR-MoE pyramid (DeepSpeed-MoE, Rajbhandari et al. 2022): the number of experts of each MoE layer, in module order
+    # (GPT-2: its MoE layers; T5: the encoder's, then the decoder's), the index of `moe/layer_{i}`; None:
+    # num_local_experts in every layer. When set, num_local_experts becomes its largest entry
+    num_experts_per_layer: list[int] | None = None
     # experts each token is sent to (k of top-k); 1 is Switch routing
     num_experts_per_tok: int = 2
     # router implementation by registry name (`hf_moe.modeling.registry.ROUTERS`): "topk", "noisy_topk", ...
@@ -151,6 +155,28 @@ class MoeConfigFields:
                 "num_shared_experts=0; set num_shared_experts >= 1 (or residual_moe=True) or leave them unset"
             )
 
+    def validate_moe_pyramid(self):
+        # after validate_moe_layers (strict runs the validators in name order): the MoE layer lists are sane
+        counts = self.num_experts_per_layer
+        if counts is None:
+            return
+        if not isinstance(counts, (list, tuple)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in counts
+        ):
+            raise TypeError(
+                f"num_experts_per_layer must be a list of ints (one per MoE layer) or None, got {counts!r}"
+            )
+        if len(counts) != self.num_moe_layers:
+            raise ValueError(
+                f"num_experts_per_layer has {len(counts)} entries, but the model has {self.num_moe_layers} MoE layers "
+                f"({self.moe_layers_description}); give one count per MoE layer, in module order"
+            )
+        if not all(self.num_experts_per_tok <= n for n in counts):
+            raise ValueError(
+                f"every entry of num_experts_per_layer must be >= num_experts_per_tok={self.num_experts_per_tok}, "
+                f"got {list(counts)}"
+            )
+
     def validate_moe_routing(self):
         _require_numbers(self, "router_jitter_noise", "router_logit_noise_std", "router_z_loss_coef")
         _require_numbers(self, "router_init_std", "expert_dropout", "router_temperature")
@@ -227,8 +253,31 @@ class MoeConfigFields:
 
     def validate_moe_with_router(self):
         # strict runs validators in name order, so this one comes after every other `validate_moe_*` (the family's
-        # layer lists included): a router's own checks (`Router.validate_config`) may rely on every field being sane
-        ROUTERS.entry(self.router_type).router_class.validate_config(self)
+        # layer lists included): a router's own checks (`Router.validate_config`) may rely on every field being sane;
+        # a pyramid's layers each with their own expert count
+        router_class = ROUTERS.entry(self.router_type).router_class
+        if self.num_experts_per_layer is None:
+            router_class.validate_config(self)
+            return
+        for index, count in enumerate(self.num_experts_per_layer):
+            try:
+                router_class.validate_config(self.moe_layer_config(index))
+            except ValueError as error:
+                raise ValueError(f"MoE layer {index} (num_experts_per_layer[{index}]={count}): {error}") from None
+
+    def moe_layer_config(self, index: int):
+        """The config MoE layer `index` (module order) is built from: this one, or with a pyramid a `MoeLayerConfig`
+        view of it with the layer's own num_local_experts (every part of the layer reads its expert count there)."""
+        if self.num_experts_per_layer is None:
+            return self
+        return MoeLayerConfig(self, self.num_experts_per_layer[index])
+
+    @property
+    def experts_per_layer(self) -> list[int]:
+        """The expert count of every MoE layer, in module order."""
+        if self.num_experts_per_layer is not None:
+            return list(self.num_experts_per_layer)
+        return [self.num_local_experts] * self.num_moe_layers
 
     def __post_init__(self, **kwargs):
         # transformers configs accept any keyword and keep it as an attribute, so a misspelt MoE field would be stored
@@ -247,6 +296,10 @@ class MoeConfigFields:
                 stacklevel=3,
             )
         super().__post_init__(**kwargs)
+        counts = self.num_experts_per_layer
+        if isinstance(counts, (list, tuple)) and counts and all(isinstance(n, int) for n in counts):
+            # the model-wide bound the code without a layer reads; after transformers applied the `num_experts` alias
+            self.num_local_experts = max(counts)
 
     @property
     def aux_loss_coef(self) -> float:
@@ -266,6 +319,17 @@ class MoeConfigFields:
         """Parameters one MoE layer's router holds (declared by its registry entry)."""
         return ROUTERS.entry(self.router_type).extra_parameters(self.num_local_experts, hidden_size)
 
+    def routed_expert_counts(self, hidden_size: int, one_expert: int) -> dict[str, int]:
+        """Summed over the MoE layers (each with its own expert count in a pyramid): `experts` (routed expert
+        parameters), `active_experts` (those a token uses) and `routers` (router parameters)."""
+        experts = active = routers = 0
+        for index in range(self.num_moe_layers):
+            layer = self.moe_layer_config(index)
+            experts += layer.num_local_experts * one_expert
+            active += layer.experts_per_token * one_expert
+            routers += layer.router_parameters(hidden_size)
+        return {"experts": experts, "active_experts": round(active), "routers": routers}
+
     @property
     def shared_experts_intermediate_size(self) -> int:
         """Hidden size of all shared experts of a layer together (they run as one FFN of that width; Residual-MoE's
@@ -283,6 +347,33 @@ class MoeConfigFields:
         if self.normalize_top_k_weights is None:
             return self.num_experts_per_tok > 1
         return self.normalize_top_k_weights
+
+
+class MoeLayerConfig:
+    """One MoE layer's view of its model's config in a PR-MoE pyramid: `num_local_experts` is the layer's count (and
+    `num_experts_per_layer` None, as for a uniform model); every other attribute is read from, and written to, the
+    model's config, live. A view, not a copy, because parts keep their config: the experts read
+    `_experts_implementation` from it at every forward (`set_experts_implementation` changes the model's), and
+    schedules change fields such as `router_temperature` on the model's config."""
+
+    def __init__(self, config, num_local_experts: int):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "num_local_experts", num_local_experts)
+        object.__setattr__(self, "num_experts_per_layer", None)
+
+    def __getattr__(self, name: str):
+        if name == "_config":  # while copy / pickle rebuild the object, before __init__ ran
+            raise AttributeError(name)
+        return getattr(self._config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._config, name, value)
+
+    # the model-wide helpers, evaluated with this layer's expert count
+    experts_per_token = MoeConfigFields.experts_per_token
+    aux_loss_coef = MoeConfigFields.aux_loss_coef
+    normalizes_top_k_weights = MoeConfigFields.normalizes_top_k_weights
+    router_parameters = MoeConfigFields.router_parameters
 
 
 def moe_field_names() -> list[str]:

@@ -73,6 +73,23 @@ class T5MoeConfig(MoeConfigFields, T5Config):
         return sorted(self.decoder_moe_layers)
 
     @property
+    def num_moe_layers(self) -> int:
+        return len(self.encoder_moe_layer_indices) + len(self.decoder_moe_layer_indices)
+
+    @property
+    def moe_layers_description(self) -> str:
+        return f"encoder blocks {self.encoder_moe_layer_indices}, decoder blocks {self.decoder_moe_layer_indices}"
+
+    def moe_layer_config_of_block(self, layer_idx: int, decoder: bool):
+        """The config the MoE layer of block `layer_idx` of the encoder or decoder is built from (`moe_layer_config`;
+        module order: the encoder's MoE layers, then the decoder's)."""
+        if decoder:
+            index = len(self.encoder_moe_layer_indices) + self.decoder_moe_layer_indices.index(layer_idx)
+        else:
+            index = self.encoder_moe_layer_indices.index(layer_idx)
+        return self.moe_layer_config(index)
+
+    @property
     def has_causal_moe_layers(self) -> bool:
         """Whether some MoE layer sits in a causal stack (the decoder's; the encoder sees its whole input)."""
         return bool(self.decoder_moe_layer_indices)
@@ -89,8 +106,7 @@ class T5MoeConfig(MoeConfigFields, T5Config):
         attention = 4 * hidden * inner  # q, k, v, o
         relative_bias = self.relative_attention_num_buckets * self.num_heads  # first block of each stack only
         dense_ffn = ffn_matrices * hidden * self.d_ff
-        one_expert = ffn_matrices * hidden * self.expert_intermediate_size
-        router = self.router_parameters(hidden)
+        routed = self.routed_expert_counts(hidden, ffn_matrices * hidden * self.expert_intermediate_size)
         # always active, like the dense weights: counted with them (and in `shared_experts`)
         shared_experts = ffn_matrices * hidden * self.shared_experts_intermediate_size + (
             hidden if self.shared_expert_gate else 0
@@ -106,10 +122,10 @@ class T5MoeConfig(MoeConfigFields, T5Config):
             + self.num_decoder_layers * decoder_block
             + 2 * (relative_bias + hidden)  # each stack: relative position bias and final layer norm
             + num_dense * dense_ffn
-            + num_moe * (router + shared_experts + self.residual_coefficient_parameters(hidden))
+            + routed["routers"]
+            + num_moe * (shared_experts + self.residual_coefficient_parameters(hidden))
         )
-        experts = num_moe * self.num_local_experts * one_expert
-        active_experts = round(num_moe * self.experts_per_token * one_expert)
+        experts, active_experts = routed["experts"], routed["active_experts"]
         return {
             "total": shared + experts,
             "active": shared + active_experts,

@@ -38,10 +38,13 @@ def check_expert_parallel_layout(config) -> None:
     num_experts = config.num_local_experts
     if num_experts % ep_size:
         allowed = [size for size in range(1, num_experts + 1) if num_experts % size == 0]
+        # a PR-MoE pyramid's layer (MoeLayerConfig) has its own count, from the list
+        pyramid = getattr(getattr(config, "_config", None), "num_experts_per_layer", None)
+        field = f"an MoE layer of num_experts_per_layer={pyramid}" if pyramid else f"num_local_experts={num_experts}"
         raise ValueError(
-            f"DistributedConfig(ep_size={ep_size}) cannot shard num_local_experts={num_experts}: every expert-parallel "
-            f"rank holds num_local_experts / ep_size whole experts. Use an ep_size that divides {num_experts} "
-            f"({allowed}), or change num_local_experts."
+            f"DistributedConfig(ep_size={ep_size}) cannot shard {field} ({num_experts} experts): every "
+            f"expert-parallel rank holds a layer's experts / ep_size whole experts. Use an ep_size that divides "
+            f"{num_experts} ({allowed}) and every other layer's count, or change the expert counts."
         )
 
 

@@ -111,7 +111,9 @@ class GPT2MoeBlock(GPT2Block):
         super().__init__(config, layer_idx=layer_idx)
         self.is_moe = layer_idx in config.moe_layer_indices
         if self.is_moe:
-            # the diff with GPT-2: mlp -> sparse MoE block, then GPT-2's residual dropout (the dense MLP's last step)
+            # the diff with GPT-2: mlp -> sparse MoE block, then GPT-2's residual dropout (the dense MLP's last step);
+            # built from this layer's config (its own expert count in a PR-MoE pyramid)
+            config = config.moe_layer_config_of_block(layer_idx)
             shared = None
             if config.num_shared_experts or config.residual_moe:
                 shared = SharedExperts(

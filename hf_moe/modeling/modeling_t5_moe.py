@@ -227,7 +227,9 @@ class T5MoeBlock(T5Block):
         )
         if self.is_decoder:
             self.layer.append(T5LayerCrossAttention(config, layer_idx=layer_idx))
-        self.layer.append(T5MoeLayerFF(config, is_moe=self.is_moe))
+        # the FFN of an MoE block is built from its layer's config (its own expert count in a PR-MoE pyramid)
+        ffn_config = config.moe_layer_config_of_block(layer_idx, self.is_decoder) if self.is_moe else config
+        self.layer.append(T5MoeLayerFF(ffn_config, is_moe=self.is_moe))
 
     @restates("models.t5.modeling_t5.T5Block.forward", "6ace6334def256c3")
     def forward(

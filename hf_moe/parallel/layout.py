@@ -45,8 +45,9 @@ def validate_expert_parallel(config, distributed_config, world_size: int | None 
             "expert group to hold the same batch (tensor parallelism); with fsdp_size ranks holding distinct batches "
             "use 'auto' or 'all_to_all'."
         )
-    carrier = _ConfigWithLayout(config, distributed_config)
-    check_expert_parallel_layout(carrier)
+    # every MoE layer: a PR-MoE pyramid's layers each have their own expert count
+    for index in range(config.num_moe_layers):
+        check_expert_parallel_layout(_ConfigWithLayout(config.moe_layer_config(index), distributed_config))
     if world_size is None and "WORLD_SIZE" in os.environ:
         world_size = int(os.environ["WORLD_SIZE"])
     expected = distributed_config.dp_replicate_size * distributed_config.fsdp_size * distributed_config.pp_size
@@ -62,6 +63,7 @@ class _ConfigWithLayout:
     # the modeling check reads `config.distributed_config`, which transformers sets only inside `from_pretrained`
     def __init__(self, config, distributed_config):
         self.num_local_experts = config.num_local_experts
+        self._config = getattr(config, "_config", None)  # a pyramid layer's model config, named in the error
         self.distributed_config = distributed_config
 
 

@@ -51,6 +51,8 @@ SHARED_EXPERT_OVERRIDES = {
     "shared_gated": dict(num_shared_experts=1, shared_expert_gate=True),
     "residual_moe": dict(residual_moe=True, num_experts_per_tok=1),
 }
+# PR-MoE: each layer sharded by its own count (GPT-2: 2 MoE layers; T5 tiny: 2 encoder + 2 decoder)
+PYRAMIDS = {"gpt2": [2, 6], "t5": [2, 4, 4, 6]}
 
 
 @pytest.mark.parametrize("architecture", sorted(SHARED_EXPERT_OVERRIDES))
@@ -58,6 +60,11 @@ def test_ep_matches_single_process_with_shared_experts(family, architecture, tmp
     # shared experts (Residual-MoE's dense MLP and coefficient too) are dense weights: replicated on every rank,
     # beside the sharded routed experts
     folder = save_tiny(family, tmp_path / "model", **SHARED_EXPERT_OVERRIDES[architecture])
+    run_distributed(equivalence_and_training, family, folder, str(tmp_path))
+
+
+def test_ep_matches_single_process_with_a_pyramid(family, tmp_path):
+    folder = save_tiny(family, tmp_path / "model", num_experts_per_layer=PYRAMIDS[family])
     run_distributed(equivalence_and_training, family, folder, str(tmp_path))
 
 

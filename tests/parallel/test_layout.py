@@ -22,6 +22,14 @@ def test_indivisible_expert_count_is_refused_before_loading():
         validate_expert_parallel(tiny_gpt2_moe_config(num_experts=3), DistributedConfig(fsdp_size=2, ep_size=2))
 
 
+def test_a_pyramid_layer_that_ep_size_does_not_divide_is_refused_before_loading():
+    config = tiny_gpt2_moe_config(num_experts_per_layer=[4, 6])
+    validate_expert_parallel(config, DistributedConfig(fsdp_size=2, ep_size=2))
+    # 4 divides the first layer's 4, not the second's 6: named before any weight loads
+    with pytest.raises(ValueError, match=r"ep_size=4.*num_experts_per_layer=\[4, 6\] \(6 experts\)"):
+        validate_expert_parallel(config, DistributedConfig(fsdp_size=4, ep_size=4))
+
+
 def test_wrong_process_count_and_tensor_parallel_are_refused():
     config = tiny_gpt2_moe_config()
     with pytest.raises(ValueError, match="needs 2 processes, but the launcher started 4"):

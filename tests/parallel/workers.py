@@ -131,8 +131,10 @@ def equivalence_and_training(
     model_class = MODEL_CLASSES[family]
     model = model_class.from_pretrained(folder, distributed_config=DistributedConfig(**layout)).train()
     reference = model_class.from_pretrained(folder).train()
-    experts = next(m for m in model.modules() if isinstance(m, hf_moe.SparseMoeBlock)).experts
-    assert experts.num_experts == model.config.num_local_experts // ep_size, "experts are not sharded over ep"
+    # every MoE layer sharded over ep by its own count (a PR-MoE pyramid's differ)
+    local_counts = [m.experts.num_experts for m in model.modules() if isinstance(m, hf_moe.SparseMoeBlock)]
+    expected = [count // ep_size for count in model.config.experts_per_layer]
+    assert local_counts == expected, f"experts are not sharded over ep: {local_counts} per rank, expected {expected}"
     # built before any forward: FSDP2 units that keep their full weight after forward expose unsharded parameters.
     # SGD with momentum, not Adam: Adam's first step is ~lr * sign(grad), which turns the 1e-9 summation-order noise
     # of a zero gradient (embedding rows of unseen tokens) into a full-size difference. A small learning rate: the
