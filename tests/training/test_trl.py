@@ -49,10 +49,9 @@ def _preferences(n=16):
     return datasets.Dataset.from_list(rows)
 
 
-def _sft_args(tmp_path, **overrides):
+def _trl_args(config_class, folder, **overrides):
     fields = dict(
-        output_dir=str(tmp_path / "sft"),
-        max_steps=3,
+        output_dir=str(folder),
         per_device_train_batch_size=4,
         learning_rate=1e-2,
         report_to=[],
@@ -65,26 +64,15 @@ def _sft_args(tmp_path, **overrides):
         save_strategy="no",
     )
     fields.update(overrides)
-    return SFTConfig(**fields)
+    return config_class(**fields)
+
+
+def _sft_args(tmp_path, **overrides):
+    return _trl_args(SFTConfig, tmp_path / "sft", **{"max_steps": 3, **overrides})
 
 
 def _dpo_args(tmp_path, **overrides):
-    fields = dict(
-        output_dir=str(tmp_path / "dpo"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        logging_steps=1,
-        use_cpu=True,
-        # TRL defaults to bf16, and Accelerate leaves the model's forward under autocast after training: fp32 keeps
-        # the trained model comparable with its reloaded copy
-        bf16=False,
-        max_length=32,
-        save_strategy="no",
-    )
-    fields.update(overrides)
-    return DPOConfig(**fields)
+    return _trl_args(DPOConfig, tmp_path / "dpo", **{"max_steps": 2, **overrides})
 
 
 def _first_batch(trainer):
