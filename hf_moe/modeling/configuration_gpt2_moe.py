@@ -89,29 +89,19 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
         layer_norm = 2 * hidden
         attention = hidden * 3 * hidden + 3 * hidden + hidden * hidden + hidden
         dense_ffn = 2 * hidden * inner + inner + hidden
-        routed = self.routed_expert_counts(hidden, 2 * hidden * expert_inner + expert_inner + hidden)
         shared_inner = self.shared_experts_intermediate_size
-        # always active, like the dense weights: counted with them (and in `shared_experts`)
         shared_experts = (2 * hidden * shared_inner + shared_inner + hidden if shared_inner else 0) + (
             hidden if self.shared_expert_gate else 0
         )
-        num_moe = len(self.moe_layer_indices)
-        num_dense = self.n_layer - num_moe
-        shared = (
+        num_dense = self.n_layer - self.num_moe_layers
+        non_moe = (
             self.vocab_size * hidden
             + self.n_positions * hidden
             + self.n_layer * (2 * layer_norm + attention)
             + layer_norm
             + num_dense * dense_ffn
-            + routed["routers"]
-            + num_moe * (shared_experts + self.residual_coefficient_parameters(hidden))
         )
         if not self.tie_word_embeddings:
-            shared += self.vocab_size * hidden
-        experts, active_experts = routed["experts"], routed["active_experts"]
-        return {
-            "total": shared + experts,
-            "active": shared + active_experts,
-            "experts": experts,
-            "shared_experts": num_moe * shared_experts,
-        }
+            non_moe += self.vocab_size * hidden
+        one_expert = 2 * hidden * expert_inner + expert_inner + hidden
+        return self.moe_parameter_counts(non_moe, hidden, one_expert, shared_experts)

@@ -319,16 +319,27 @@ class MoeConfigFields:
         """Parameters one MoE layer's router holds (declared by its registry entry)."""
         return ROUTERS.entry(self.router_type).extra_parameters(self.num_local_experts, hidden_size)
 
-    def routed_expert_counts(self, hidden_size: int, one_expert: int) -> dict[str, int]:
-        """Summed over the MoE layers (each with its own expert count in a pyramid): `experts` (routed expert
-        parameters), `active_experts` (those a token uses) and `routers` (router parameters)."""
-        experts = active = routers = 0
+    def moe_parameter_counts(
+        self, non_moe: int, hidden_size: int, one_expert: int, one_shared_expert_layer: int
+    ) -> dict[str, int]:
+        """`parameter_counts()` from the family's numbers: `non_moe` (every parameter outside the MoE layers),
+        `one_expert` (one routed expert) and `one_shared_expert_layer` (one layer's shared experts, gate included).
+        Summed over the MoE layers, each with its own expert count in a pyramid; routers, shared experts and the
+        Residual-MoE coefficient are always active."""
+        experts = active = always_active = 0
         for index in range(self.num_moe_layers):
             layer = self.moe_layer_config(index)
             experts += layer.num_local_experts * one_expert
             active += layer.experts_per_token * one_expert
-            routers += layer.router_parameters(hidden_size)
-        return {"experts": experts, "active_experts": round(active), "routers": routers}
+            always_active += layer.router_parameters(hidden_size) + self.residual_coefficient_parameters(hidden_size)
+        shared_experts = self.num_moe_layers * one_shared_expert_layer
+        dense = non_moe + always_active + shared_experts
+        return {
+            "total": dense + experts,
+            "active": dense + round(active),
+            "experts": experts,
+            "shared_experts": shared_experts,
+        }
 
     @property
     def shared_experts_intermediate_size(self) -> int:

@@ -100,35 +100,26 @@ class T5MoeConfig(MoeConfigFields, T5Config):
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts of the encoder-decoder model without building it: `total`, `active` (used per token),
-        `experts` (routed), `shared_experts` (always active, so in `active` whole). T5 ties the LM head and both stacks' token embeddings to `shared`, so the embedding counts once."""
+        `experts` (routed), `shared_experts` (always active, so in `active` whole). T5 ties the LM head and both
+        stacks' token embeddings to `shared`, so the embedding counts once."""
         hidden, inner = self.d_model, self.num_heads * self.d_kv
         ffn_matrices = 3 if self.is_gated_act else 2  # wi_0, wi_1, wo or wi, wo; T5 has no biases
         attention = 4 * hidden * inner  # q, k, v, o
         relative_bias = self.relative_attention_num_buckets * self.num_heads  # first block of each stack only
         dense_ffn = ffn_matrices * hidden * self.d_ff
-        routed = self.routed_expert_counts(hidden, ffn_matrices * hidden * self.expert_intermediate_size)
-        # always active, like the dense weights: counted with them (and in `shared_experts`)
         shared_experts = ffn_matrices * hidden * self.shared_experts_intermediate_size + (
             hidden if self.shared_expert_gate else 0
         )
-        num_moe = len(self.encoder_moe_layer_indices) + len(self.decoder_moe_layer_indices)
-        num_dense = self.num_layers + self.num_decoder_layers - num_moe
+        num_dense = self.num_layers + self.num_decoder_layers - self.num_moe_layers
         # encoder block: self-attention + FFN, two layer norms; decoder block adds cross-attention and its norm
         encoder_block = attention + 2 * hidden
         decoder_block = 2 * attention + 3 * hidden
-        shared = (
+        non_moe = (
             self.vocab_size * hidden
             + self.num_layers * encoder_block
             + self.num_decoder_layers * decoder_block
             + 2 * (relative_bias + hidden)  # each stack: relative position bias and final layer norm
             + num_dense * dense_ffn
-            + routed["routers"]
-            + num_moe * (shared_experts + self.residual_coefficient_parameters(hidden))
         )
-        experts, active_experts = routed["experts"], routed["active_experts"]
-        return {
-            "total": shared + experts,
-            "active": shared + active_experts,
-            "experts": experts,
-            "shared_experts": num_moe * shared_experts,
-        }
+        one_expert = ffn_matrices * hidden * self.expert_intermediate_size
+        return self.moe_parameter_counts(non_moe, hidden, one_expert, shared_experts)
