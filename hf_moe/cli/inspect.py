@@ -98,6 +98,11 @@ def describe(path: str) -> dict:
             "gate": config.shared_expert_gate,
         },
         "residual_moe": config.residual_moe,
+        # WideNet: every layer of a stack applies one block's weights
+        "shared_blocks": {
+            "across_layers": config.share_blocks_across_layers,
+            "per_layer_router": config.per_layer_router,
+        },
         "router_bias_update_rate": config.router_bias_update_rate,
         "z_loss_coef": config.router_z_loss_coef,
         "expert_dropout": config.expert_dropout,
@@ -295,6 +300,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  shared experts: {shared['count']} per layer, always active, {shared['intermediate_size']} wide{gate}"
         )
+    if summary["shared_blocks"]["across_layers"]:
+        own = "LayerNorms and router" if summary["shared_blocks"]["per_layer_router"] else "LayerNorms"
+        print(f"  blocks shared across layers (WideNet): one block per stack, each layer with its own {own}")
     settings = "".join(f", {label.lower()} {value}" for label, value in summary["router_settings"].items())
     print(f"  router: {summary['router_type']} ({summary['router_label']}){settings}")
     print(f"  capacity: {_capacity_line(summary)}")
@@ -305,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
     )
     _print_bias_balancing(summary)
     print(
-        f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token "
+        f"  parameters: {counts['total']:,} total{' stored' if summary['shared_blocks']['across_layers'] else ''}, "
+        f"{counts['active']:,} active per token "
         f"({counts['experts']:,} in routed experts"
         + (f", {counts['shared_experts']:,} in shared experts)" if counts["shared_experts"] else ")")
     )

@@ -38,6 +38,25 @@ def ratio(text: str) -> float:
     return value
 
 
+def expert_counts(text: str) -> int | list[int]:
+    """argparse type: E (every MoE layer) or E1,E2,... (one count per MoE layer: a PR-MoE pyramid)."""
+    counts = [positive_int(part.strip()) for part in text.split(",")]
+    return counts[0] if len(counts) == 1 else counts
+
+
+def shared_block_start(text: str) -> str | int:
+    """argparse type: "mean" or a block index."""
+    if text == "mean":
+        return text
+    try:
+        index = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'mean' or a block index (an integer >= 0), got {text!r}") from None
+    if index < 0:
+        raise argparse.ArgumentTypeError(f"must be 'mean' or a block index (an integer >= 0), got {index}")
+    return index
+
+
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name,
@@ -50,7 +69,14 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument(
         "out", metavar="OUT", type=Path, help="output folder (must be absent or empty, unless --overwrite)"
     )
-    parser.add_argument("--num-experts", metavar="E", type=positive_int, default=8, help="experts per MoE layer")
+    parser.add_argument(
+        "--num-experts",
+        metavar="E",
+        type=expert_counts,
+        default=8,
+        help="experts per MoE layer, or one count per MoE layer, comma-separated in module order (a PR-MoE pyramid, "
+        "e.g. 4,4,8,8; with --init copy, noise or drop_upcycle)",
+    )
     # None: not given; 2, or with --router-type hash one expert per hash head
     parser.add_argument(
         "--top-k",
@@ -242,6 +268,25 @@ def add_parser(subparsers, name: str) -> None:
         "per token by a learned coefficient that starts at (1/2, 1/2)",
     )
     parser.add_argument(
+        "--share-blocks-across-layers",
+        action="store_true",
+        help="WideNet: every layer of a stack applies one block's weights (attention and MoE layer), keeping its own "
+        "LayerNorms; the block starts as --shared-block-init",
+    )
+    parser.add_argument(
+        "--per-layer-router",
+        action="store_true",
+        help="with --share-blocks-across-layers: each layer keeps its own router",
+    )
+    parser.add_argument(
+        "--shared-block-init",
+        metavar="mean|J",
+        type=shared_block_start,
+        default=None,
+        help="with --share-blocks-across-layers: each shared weight starts as the mean over the dense layers (mean, "
+        "the default) or as dense block J's",
+    )
+    parser.add_argument(
         "--normalize-top-k-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -322,6 +367,8 @@ def _convert_and_save(args: argparse.Namespace):
         "num_shared_experts": args.num_shared_experts,
         "shared_expert_gate": True if args.shared_expert_gate else None,
         "residual_moe": True if args.residual_moe else None,
+        "share_blocks_across_layers": True if args.share_blocks_across_layers else None,
+        "per_layer_router": True if args.per_layer_router else None,
     }
     init_options = {
         "noise_scale": args.noise_scale,
@@ -329,6 +376,7 @@ def _convert_and_save(args: argparse.Namespace):
         "split_partition": args.split_partition,
         "granularity": args.granularity,
         "scale_weights": args.scale_weights,
+        "shared_block_init": args.shared_block_init,
     }
     model = moefy(
         source,
@@ -372,14 +420,27 @@ def _convert_and_save(args: argparse.Namespace):
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Checks across arguments (each one's own range was checked by its argparse type); fills in --top-k."""
+    if isinstance(args.num_experts, list) and args.router_init != "random":
+        # the data inits fit one row per expert of every layer alike (moefy's own check says which recipes remain)
+        raise ValueError(
+            f"a per-layer --num-experts list (PR-MoE) works with --router-init random, got {args.router_init}"
+        )
     _check_hash_arguments(args)
     _check_router_init_arguments(args)
     if args.top_k is None:
         args.top_k = (args.num_hash_heads or 1) if args.router_type == "hash" else 2
-    if args.top_k > args.num_experts:
+    fewest_experts = min(_per_layer_counts(args))
+    if args.top_k > fewest_experts:
         raise ValueError(
-            f"--top-k {args.top_k} exceeds --num-experts {args.num_experts}; choose 1..{args.num_experts}"
+            f"--top-k {args.top_k} exceeds the experts of some MoE layer (--num-experts {args.num_experts}); choose "
+            f"1..{fewest_experts}"
         )
+    for option, given in (
+        ("--per-layer-router", args.per_layer_router),
+        ("--shared-block-init", args.shared_block_init),
+    ):
+        if given and not args.share_blocks_across_layers:
+            raise ValueError(f"{option} applies only with --share-blocks-across-layers")
     for option, value, init in (
         ("--noise-scale", args.noise_scale, "noise"),
         ("--drop-ratio", args.drop_ratio, "drop_upcycle"),
@@ -407,6 +468,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
             ) from None
 
 
+def _per_layer_counts(args: argparse.Namespace) -> list[int]:
+    return args.num_experts if isinstance(args.num_experts, list) else [args.num_experts]
+
+
 def _check_hash_arguments(args: argparse.Namespace) -> None:
     hash_options = (
         ("--hash-kind", args.hash_kind),
@@ -426,7 +491,7 @@ def _check_hash_arguments(args: argparse.Namespace) -> None:
             f"--router-type hash sends each token to one expert per hash head: --top-k must be --num-hash-heads "
             f"({heads}), got --top-k {args.top_k} (or leave --top-k out)"
         )
-    if args.num_experts % heads:
+    if any(count % heads for count in _per_layer_counts(args)):
         raise ValueError(
             f"--num-hash-heads {heads} splits the experts into equal groups: --num-experts {args.num_experts} must be "
             "a multiple of it"

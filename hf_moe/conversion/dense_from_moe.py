@@ -74,17 +74,13 @@ def dense_from_moe(model: PreTrainedModel, ffn: str | int = "mean") -> PreTraine
     """
     family, dense_class_name = _family_and_dense_class(model)
     config = model.config
-    if config.num_experts_per_layer is not None:
-        # the combine-weight scale folded into the FFN depends on E, which differs from layer to layer
-        raise ValueError(
-            f"{_TOOL} takes MoEs with one expert count in every MoE layer; this one is a PR-MoE pyramid "
-            f"(num_experts_per_layer={config.num_experts_per_layer})"
-        )
-    num_experts = config.num_local_experts
+    # a PR-MoE pyramid: an expert index must exist in every layer
+    num_experts = min(config.experts_per_layer) if config.num_moe_layers else config.num_local_experts
     if ffn != "mean" and (isinstance(ffn, bool) or not isinstance(ffn, int) or not 0 <= ffn < num_experts):
+        counts = "num_local_experts" if config.num_experts_per_layer is None else "the fewest of num_experts_per_layer"
         raise ValueError(
-            f"{_TOOL}: ffn must be 'mean' or an expert index in [0, {num_experts}) "
-            f"(num_local_experts={num_experts}), got {ffn!r}"
+            f"{_TOOL}: ffn must be 'mean' or an expert index in [0, {num_experts}) ({counts}={num_experts}), "
+            f"got {ffn!r}"
         )
     if config.num_shared_experts or config.residual_moe:
         # a dense FFN of the dense width has no room for the shared experts beside the routed ones' mean
@@ -93,7 +89,7 @@ def dense_from_moe(model: PreTrainedModel, ffn: str | int = "mean") -> PreTraine
             f"{_TOOL} cannot fold {what} into a dense FFN of the dense width beside the routed experts; "
             "hf_moe.mixture_of_students keeps them in a smaller MoE student"
         )
-    fold = _fold_factor(config)
+    _fold_factor(config, config.num_local_experts)  # refuses what cannot be folded before anything is built
     for name, experts in moe_experts(model):
         if getattr(experts, "_is_expert_parallel", False):
             raise ValueError(
@@ -121,7 +117,8 @@ def dense_from_moe(model: PreTrainedModel, ffn: str | int = "mean") -> PreTraine
         dense_state = dense.state_dict()
         _copy_shared_weights(model, dense_state, plans)
         for plan in plans:
-            _write_dense_ffn(plan, dense_state, ffn, fold)
+            # the layer's own expert count (a pyramid's differ), on which the folded combine weight depends
+            _write_dense_ffn(plan, dense_state, ffn, _fold_factor(config, plan.block.num_experts))
     if getattr(model, "generation_config", None) is not None:
         dense.generation_config = copy.deepcopy(model.generation_config)
     # transformers picks a model's loss by its class name and "GPT2LMHeadModel" names none: the MoE's (named by its
@@ -145,10 +142,11 @@ def _family_and_dense_class(model) -> tuple[FamilyMapping, str]:
     return inverses[name]
 
 
-def _fold_factor(config) -> float:
-    """K * w: the MoE's output at a uniform router with every expert equal to one FFN, in units of that FFN."""
+def _fold_factor(config, num_experts: int) -> float:
+    """K * w: the output of an MoE layer of `num_experts` experts at a uniform router with every expert equal to one
+    FFN, in units of that FFN."""
     router_class = ROUTERS.entry(config.router_type).router_class
-    top_k, num_experts = config.num_experts_per_tok, config.num_local_experts
+    top_k = config.num_experts_per_tok
     if issubclass(router_class, HashRouter):
         combine = "unit"  # a fixed table, weight 1 for each of the num_hash_heads experts
     elif issubclass(router_class, TopKRouter):

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..modeling.configuration_moe import moe_field_names
-from ..modeling.moe_parts import moe_experts, moe_part_kind, moe_routers
+from ..modeling.moe_parts import moe_part_kind
 from .init_methods import DenseFFN
 from .layer_selection import select_layers
 
@@ -281,9 +281,11 @@ def _base_prefix(model: PreTrainedModel) -> str:
 def router_and_expert_weight_names(model: nn.Module) -> set[str]:
     """The state-dict names of every router's and experts module's tensors of an MoE `model` (hash tables and expert
     biases included): the weights that have no dense counterpart of the same name, in either direction of conversion."""
+    # every name of a module that several layers share (WideNet's experts): the state dict lists it under each
     return {
         _qualified(prefix, key)
-        for prefix, module in (*moe_routers(model), *moe_experts(model))
+        for prefix, module in model.named_modules(remove_duplicate=False)
+        if moe_part_kind(module) in ("router", "experts")
         for key in module.state_dict()
     }
 

@@ -186,6 +186,12 @@ def merge_experts(
             f"{first.label} is a {first.class_name}"
         )
     _check_overrides(family, target_class, config_fields, tool=_TOOL)
+    if config_fields.get("share_blocks_across_layers"):
+        raise ValueError(
+            f"{_TOOL} makes each MoE layer from the sources' own layer, so its layers differ; "
+            "share_blocks_across_layers=True (one block for every layer, WideNet) is not supported here: moefy "
+            "with share_blocks_across_layers=True collapses one dense model's layers"
+        )
     layer_specs = {
         "moe_layers": moe_layers,
         "encoder_moe_layers": encoder_moe_layers,

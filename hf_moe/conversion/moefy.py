@@ -51,6 +51,7 @@ from .router_init import (
     prepare_calibration,
     set_router_rows,
 )
+from .shared_blocks import check_shared_block_init, shared_block_start
 from .source import looks_like_repo_id, resolve_source
 
 __all__ = ["FAMILIES", "SUPPORTED_MODEL_TYPES", "moefy"]
@@ -95,6 +96,7 @@ def moefy(
     moe_layers: str | list[int] | None = None,
     encoder_moe_layers: str | list[int] | None = None,
     decoder_moe_layers: str | list[int] | None = None,
+    shared_block_init: str | int = "mean",
     seed: int = 0,
     progress: bool = False,
     **config_overrides,
@@ -138,6 +140,9 @@ def moefy(
         moe_layers: layers to convert ('all', 'every_other', 'top:N', 'bottom:N', '0,2' or a list); for T5 the
             default of both stacks.
         encoder_moe_layers, decoder_moe_layers: the same for one of T5's two stacks.
+        shared_block_init: with the override share_blocks_across_layers=True (WideNet) only: how the one block of each
+            stack starts: "mean" (every shared weight the mean over the dense layers that apply it) or a block index
+            j (dense block j's weights); each layer keeps its own LayerNorms (`hf_moe.conversion.shared_blocks`).
         seed: seeds every random choice (noise, re-initialized subsets, partitions, router init).
         progress: show a tqdm bar over layers.
         config_overrides: other MoE config fields (capacity_factor, router_aux_loss_coef, expert_dropout, ...); any
@@ -191,6 +196,7 @@ def moefy(
     moe_fields.update(_recipe_combine_defaults(init, router_type, num_experts, top_k, config_overrides))
     # built once before the weights load only to validate it: a bad value is reported at once, not minutes later
     validated = family.build_config(dense_config, {**selected_layers, **moe_fields})
+    check_shared_block_init(shared_block_init, validated, router_init, family)
     output_scale = choose_output_scale(
         init,
         scale_weights,
@@ -230,6 +236,9 @@ def moefy(
 
     moe, plans = _empty_moe(family, target_class, config, dense, selected_layers)
     dense_state = dense.state_dict()
+    if config.share_blocks_across_layers:
+        # WideNet: the layers that share a weight read one value of it (their mean, or one block's)
+        dense_state = shared_block_start(dense_state, moe, plans, shared_block_init)
     _copy_shared_weights(dense_state, moe, plans)
 
     generator = torch.Generator().manual_seed(seed)
@@ -294,6 +303,7 @@ def moefy(
             **init_options,
             **({"expert_output_scale": output_scale} if output_scale != 1.0 else {}),
             **({"shared_experts_share": shared_share} if shared_share else {}),
+            **({"shared_block_init": shared_block_init} if config.share_blocks_across_layers else {}),
         },
         seed=seed,
         num_experts=pyramid if pyramid is not None else num_experts,

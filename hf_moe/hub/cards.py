@@ -134,9 +134,10 @@ def render_model_card(
         top_k=config.num_experts_per_tok,
         total_parameters=_count(counts["total"]),
         active_parameters=_count(counts["active"]),
+        shared_blocks=config.share_blocks_across_layers,
         detail_rows=_detail_rows(config),
         routing_rows=_routing_rows(config),
-        parameter_rows=_parameter_rows(counts, report),
+        parameter_rows=_parameter_rows(counts, report, config.share_blocks_across_layers),
         conversion_rows=_conversion_rows(report) if report else [],
         merged=merged,
         merge_rows=[
@@ -207,6 +208,15 @@ def _detail_rows(config) -> list[tuple[str, str]]:
                 "Shared experts",
                 f"{config.num_shared_experts} per MoE layer, always active beside the routed ones "
                 f"({config.shared_experts_intermediate_size} neurons together){gate}",
+            )
+        )
+    if config.share_blocks_across_layers:
+        own = "LayerNorms and router" if config.per_layer_router else "LayerNorms"
+        rows.append(
+            (
+                "Blocks shared across layers",
+                "WideNet: every layer of a stack applies the weights of one block (attention and MoE layer, stored "
+                f"once); each layer has its own {own}",
             )
         )
     return rows
@@ -319,12 +329,18 @@ def _capacity(factor: float | None, config, per: str, policy: str) -> str:
     return f"{factor} {per} (at least {config.min_capacity} slots; {policy})"
 
 
-def _parameter_rows(counts: dict[str, int], report: Mapping | None) -> list[tuple[str, str]]:
-    rows = [
-        ("Total", _count(counts["total"])),
-        ("Active per token", f"{_count(counts['active'])}, {100 * counts['active'] / counts['total']:.0f}% of total"),
-        ("In experts", _count(counts["experts"])),
-    ]
+def _parameter_rows(counts: dict[str, int], report: Mapping | None, shared_blocks: bool) -> list[tuple[str, str]]:
+    if shared_blocks:
+        # WideNet: the shared block is stored once but applied in every layer, so "active" can exceed the total
+        total = ("Total (stored)", _count(counts["total"]))
+        active = ("Applied per token", f"{_count(counts['active'])}, a shared weight counted once per layer")
+    else:
+        total = ("Total", _count(counts["total"]))
+        active = (
+            "Active per token",
+            f"{_count(counts['active'])}, {100 * counts['active'] / counts['total']:.0f}% of total",
+        )
+    rows = [total, active, ("In experts", _count(counts["experts"]))]
     if counts.get("shared_experts"):
         rows[-1] = ("In routed experts", _count(counts["experts"]))
         rows.append(("In shared experts (always active)", _count(counts["shared_experts"])))

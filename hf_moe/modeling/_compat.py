@@ -41,6 +41,7 @@ __all__ = [
     "require_trainer_checkpoint_hooks",
     "restates",
     "set_experts_implementation_of_copy",
+    "set_fsdp_units",
     "update_parallel_plans",
 ]
 
@@ -211,6 +212,13 @@ class PrivateModelHooks:
             cls._can_set_experts_implementation_cached_value = None
         return super()._can_set_experts_implementation()
 
+    def _adjust_bias(self, output_embeddings, input_embeddings):
+        # `tie_weights` calls this for every tied pair, to fit an output embedding's bias and size to the vocabulary
+        # it is tied to. Only the output embeddings are such a pair: inside WideNet's shared blocks (`shared_blocks.py`)
+        # it would cut a GPT-2 Conv1D's bias to the first dim of its (in, out) weight.
+        if output_embeddings is self.get_output_embeddings():
+            super()._adjust_bias(output_embeddings, input_embeddings)
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -241,6 +249,7 @@ def _require_model_hooks() -> None:
 
     require_private(PreTrainedModel, "_initialize_weights", ("module", "is_custom_code"))
     require_private(PreTrainedModel, "_can_set_experts_implementation")
+    require_private(PreTrainedModel, "_adjust_bias", ("output_embeddings", "input_embeddings"))
     require_private(PreTrainedModel, "_set_gradient_checkpointing", ("enable", "gradient_checkpointing_func"))
 
 
@@ -281,6 +290,11 @@ def update_parallel_plans(model, keep: Callable[[str], bool]) -> None:
     """Drop the expert-parallel / FSDP plan rules of `model` for which `keep(rule)` is False."""
     model._ep_plan = {key: style for key, style in model._ep_plan.items() if keep(key)}
     model._fsdp_plan = {key: style for key, style in model._fsdp_plan.items() if keep(key)}
+
+
+def set_fsdp_units(model, units: dict[str, str]) -> None:
+    """Replace the FSDP2 plan of `model` (module name pattern -> "free_full_weight" / "keep_full_weight")."""
+    model._fsdp_plan = dict(units)
 
 
 def from_config_without_init(model_class: type, config, dtype: torch.dtype):

@@ -65,6 +65,10 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
     def moe_layers_description(self) -> str:
         return f"blocks {self.moe_layer_indices}"
 
+    @property
+    def moe_layers_per_stack(self) -> list[int]:
+        return [self.num_moe_layers]
+
     def moe_layer_config_of_block(self, layer_idx: int):
         """The config block `layer_idx`'s MoE layer is built from (`moe_layer_config`)."""
         return self.moe_layer_config(self.moe_layer_indices.index(layer_idx))
@@ -104,4 +108,8 @@ class GPT2MoeConfig(MoeConfigFields, GPT2Config):
         if not self.tie_word_embeddings:
             non_moe += self.vocab_size * hidden
         one_expert = 2 * hidden * expert_inner + expert_inner + hidden
-        return self.moe_parameter_counts(non_moe, hidden, one_expert, shared_experts)
+        repeated = 0
+        if self.share_blocks_across_layers:
+            # WideNet stores block 0's attention and the first dense block's MLP; the other blocks use them
+            repeated = (self.n_layer - 1) * attention + max(num_dense - 1, 0) * dense_ffn
+        return self.moe_parameter_counts(non_moe, hidden, one_expert, shared_experts, repeated)

@@ -96,6 +96,12 @@ class MoeConfigFields:
     # Residual-MoE (DeepSpeed-MoE, Rajbhandari et al. 2022): a fixed dense MLP (shared_expert_intermediate_size wide)
     # beside the routed top-1 expert, mixed with it per token by a learned 2-way softmax coefficient
     residual_moe: bool = False
+    # WideNet (Xue et al. 2021): every block of a stack applies the weights of its first block (attention, the MoE layer
+    # or dense FFN, T5's cross-attention), each layer keeping its own LayerNorms; stored, trained and saved once
+    # (`shared_blocks.py`)
+    share_blocks_across_layers: bool = False
+    # with share_blocks_across_layers: each layer keeps its own router as well (WideNet shares it)
+    per_layer_router: bool = False
     # return the router logits of every MoE layer in the outputs
     output_router_logits: bool = False
     # hash router: independent hashes per token (MultiHash, Roller et al. 2021); each picks the expert of one of
@@ -175,6 +181,24 @@ class MoeConfigFields:
             raise ValueError(
                 f"every entry of num_experts_per_layer must be >= num_experts_per_tok={self.num_experts_per_tok}, "
                 f"got {list(counts)}"
+            )
+
+    def validate_moe_shared_blocks(self):
+        # after validate_moe_pyramid (strict runs the validators in name order)
+        for name in ("share_blocks_across_layers", "per_layer_router"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.per_layer_router and not self.share_blocks_across_layers:
+            raise ValueError(
+                "per_layer_router=True gives each layer its own router when the blocks are shared; set "
+                "share_blocks_across_layers=True, or leave per_layer_router unset (without sharing every layer has "
+                "its own router anyway)"
+            )
+        if self.share_blocks_across_layers and self.num_experts_per_layer is not None:
+            raise ValueError(
+                "share_blocks_across_layers=True shares one MoE layer across the layers, so they cannot have "
+                f"different expert counts (num_experts_per_layer={list(self.num_experts_per_layer)}); use "
+                "num_local_experts"
             )
 
     def validate_moe_routing(self):
@@ -320,12 +344,22 @@ class MoeConfigFields:
         return ROUTERS.entry(self.router_type).extra_parameters(self.num_local_experts, hidden_size)
 
     def moe_parameter_counts(
-        self, non_moe: int, hidden_size: int, one_expert: int, one_shared_expert_layer: int
+        self,
+        non_moe: int,
+        hidden_size: int,
+        one_expert: int,
+        one_shared_expert_layer: int,
+        repeated_non_moe: int = 0,
     ) -> dict[str, int]:
         """`parameter_counts()` from the family's numbers: `non_moe` (every parameter outside the MoE layers),
         `one_expert` (one routed expert) and `one_shared_expert_layer` (one layer's shared experts, gate included).
         Summed over the MoE layers, each with its own expert count in a pyramid; routers, shared experts and the
-        Residual-MoE coefficient are always active."""
+        Residual-MoE coefficient are always active.
+
+        With share_blocks_across_layers, `total`, `experts` and `shared_experts` count what is stored: the shared block
+        once per stack (the family's `repeated_non_moe` are the non-MoE copies sharing saves, e.g. the attention of
+        every block but the first). `active` stays what a token's forward applies, a shared weight once per layer
+        that applies it (the compute of the unshared model), so it can exceed `total`."""
         experts = active = always_active = 0
         for index in range(self.num_moe_layers):
             layer = self.moe_layer_config(index)
@@ -334,12 +368,23 @@ class MoeConfigFields:
             always_active += layer.router_parameters(hidden_size) + self.residual_coefficient_parameters(hidden_size)
         shared_experts = self.num_moe_layers * one_shared_expert_layer
         dense = non_moe + always_active + shared_experts
-        return {
+        counts = {
             "total": dense + experts,
             "active": dense + round(active),
             "experts": experts,
             "shared_experts": shared_experts,
         }
+        if self.share_blocks_across_layers:
+            # every MoE layer but the first of each stack is a copy of it (one expert count: pyramids are refused)
+            repeats = self.num_moe_layers - sum(1 for count in self.moe_layers_per_stack if count)
+            router = 0 if self.per_layer_router else self.router_parameters(hidden_size)
+            repeated_experts = repeats * self.num_local_experts * one_expert
+            repeated_shared = repeats * one_shared_expert_layer
+            repeated_rest = repeats * (router + self.residual_coefficient_parameters(hidden_size))
+            counts["total"] -= repeated_non_moe + repeated_experts + repeated_shared + repeated_rest
+            counts["experts"] -= repeated_experts
+            counts["shared_experts"] -= repeated_shared
+        return counts
 
     @property
     def shared_experts_intermediate_size(self) -> int:

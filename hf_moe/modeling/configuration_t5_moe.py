@@ -77,6 +77,10 @@ class T5MoeConfig(MoeConfigFields, T5Config):
         return len(self.encoder_moe_layer_indices) + len(self.decoder_moe_layer_indices)
 
     @property
+    def moe_layers_per_stack(self) -> list[int]:
+        return [len(self.encoder_moe_layer_indices), len(self.decoder_moe_layer_indices)]
+
+    @property
     def moe_layers_description(self) -> str:
         return f"encoder blocks {self.encoder_moe_layer_indices}, decoder blocks {self.decoder_moe_layer_indices}"
 
@@ -122,4 +126,14 @@ class T5MoeConfig(MoeConfigFields, T5Config):
             + num_dense * dense_ffn
         )
         one_expert = ffn_matrices * hidden * self.expert_intermediate_size
-        return self.moe_parameter_counts(non_moe, hidden, one_expert, shared_experts)
+        repeated = 0
+        if self.share_blocks_across_layers:
+            # WideNet: each stack stores its block 0's attention(s) and its first dense block's FFN
+            encoder_dense = self.num_layers - len(self.encoder_moe_layer_indices)
+            decoder_dense = self.num_decoder_layers - len(self.decoder_moe_layer_indices)
+            repeated = (
+                (self.num_layers - 1) * attention
+                + (self.num_decoder_layers - 1) * 2 * attention
+                + (max(encoder_dense - 1, 0) + max(decoder_dense - 1, 0)) * dense_ffn
+            )
+        return self.moe_parameter_counts(non_moe, hidden, one_expert, shared_experts, repeated)

@@ -198,6 +198,9 @@ class GPT2MoePreTrainedModel(MoePreTrainedMixin, GPT2PreTrainedModel):
 
 class GPT2MoeModel(GPT2MoePreTrainedModel, GPT2Model):
     _records_outputs = True
+    _block_stack = "h"
+    _per_layer_norms = (nn.LayerNorm,)
+    _final_norm = "ln_f"
 
     @restates("models.gpt2.modeling_gpt2.GPT2Model.__init__", "0318594f09c2deb1")
     def __init__(self, config: GPT2MoeConfig):

@@ -325,6 +325,9 @@ class T5MoeStack(T5MoePreTrainedModel, T5Stack):
     """T5's encoder or decoder stack with MoE blocks."""
 
     _records_outputs = True
+    _block_stack = "block"
+    _per_layer_norms = (T5LayerNorm,)
+    _final_norm = "final_layer_norm"
 
     @restates("models.t5.modeling_t5.T5Stack.__init__", "ff626b133fd00ba5")
     def __init__(self, config: T5MoeConfig):

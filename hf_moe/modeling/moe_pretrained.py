@@ -21,9 +21,11 @@ from ._compat import (
     flatten_device_mesh,
     install_output_recorders,
     quiet_unmergeable_full_gathers,
+    set_fsdp_units,
 )
 from .moe_parts import moe_part_kind, moe_parts
 from .routing import Router, RouterDecision
+from .shared_blocks import share_experts_modules, shared_block_ties, tied_weights_patterns
 from .sparse_moe import RouterLosses, RouterLossValues, require_non_reentrant_checkpointing
 
 __all__ = ["ROUTER_OUTPUT_RECORDERS", "MoePreTrainedMixin", "ask_for_router_losses", "warn_if_router_losses_unused"]
@@ -51,11 +53,44 @@ class MoePreTrainedMixin(PrivateModelHooks):
     # the aux-loss-free balancing bias loads as float32 under any `dtype=`: its steps of ~1e-3 vanish in bfloat16 (the
     # router keeps it float32 through `.to(dtype)` too, `_compat.KeepsFloat32Buffers`)
     _keep_in_fp32_modules_strict = ["router.expert_bias"]
+    # the attribute holding this class's own blocks (GPT-2's model: "h"; T5's stacks: "block"), which
+    # `share_blocks_across_layers` ties (`shared_blocks.py`); None for classes that hold them through a sub-model
+    _block_stack: str | None = None
+    # the family's LayerNorm classes: every layer keeps its own under block sharing
+    _per_layer_norms: tuple[type, ...] = ()
+    # the name of the stack's final LayerNorm (FSDP2's one unit besides the root under block sharing)
+    _final_norm: str | None = None
 
     def post_init(self):
+        if self._block_stack is not None:
+            blocks = getattr(self, self._block_stack)
+            share_experts_modules(blocks, self.config)
+            self._shared_block_ties = shared_block_ties(self._block_stack, blocks, self.config, self._per_layer_norms)
+            if self._shared_block_ties:
+                # save_pretrained leaves out of the file the copies these patterns name
+                self._tied_weights_keys = {
+                    **(type(self)._tied_weights_keys or {}),
+                    **tied_weights_patterns(self._shared_block_ties),
+                }
         super().post_init()
         if self._records_outputs:
             install_output_recorders(self)
+
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        if self._block_stack is not None and self.config.share_blocks_across_layers:
+            # FSDP2 keeps a parameter tied only inside one unit, and a shared block's weights are in every block: the
+            # blocks stay in the root unit (as the embedding tied to the LM head does), not a unit each. transformers
+            # wants one unit besides the root: the final LayerNorm, which no layer shares.
+            set_fsdp_units(self, {self._final_norm: "free_full_weight"})
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        ties = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
+        if not all_submodels:
+            # transformers expands `_tied_weights_keys` only under tie_word_embeddings=True; shared blocks stay tied
+            # either way (with all_submodels, the parent calls this on every sub-model)
+            ties.update(getattr(self, "_shared_block_ties", {}))
+        return ties
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -69,6 +104,15 @@ class MoePreTrainedMixin(PrivateModelHooks):
             return self._save_family(save_directory, *args, **kwargs)
         with quiet_unmergeable_full_gathers():  # expert parallelism: see the context manager's docstring
             return self._save_family(save_directory, *args, **kwargs)
+
+    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict, distributed_config, **kwargs) -> dict:
+        gathered = super().gather_sharded_state_dict_for_save(model_to_save, state_dict, distributed_config, **kwargs)
+        # transformers gathers every DTensor into a tensor of its own, so tied names no longer share storage and each
+        # would be written (the LM head beside the embedding, every layer of a shared block): leave the tied copies
+        # out, as a single-process save does; from_pretrained ties them again
+        ties = model_to_save.all_tied_weights_keys.items()
+        copies = {target for target, source in ties if _tied(model_to_save, target, source)}
+        return {name: tensor for name, tensor in gathered.items() if name not in copies}
 
     def _save_family(self, save_directory, *args, **kwargs):
         family_class = self._family_class()
@@ -138,6 +182,10 @@ class MoePreTrainedMixin(PrivateModelHooks):
         if enable:
             require_non_reentrant_checkpointing(gradient_checkpointing_func)
         return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+
+
+def _tied(model, target: str, source: str) -> bool:
+    return model.get_parameter_or_buffer(target) is model.get_parameter_or_buffer(source)
 
 
 def _has_dtensor_parameters(model) -> bool:

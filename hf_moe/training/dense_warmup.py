@@ -57,10 +57,10 @@ logger = logging.getLogger(__name__)
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable 3D (and bias) parameters of every experts module of `model`; dimension 0 indexes the experts."""
-    params = []
+    params = {}  # by identity, once: WideNet's layers share one experts module's parameters
     for _, experts in moe_experts(model):
-        params.extend(p for p in experts.parameters(recurse=False) if p.requires_grad)
-    return params
+        params.update((id(p), p) for p in experts.parameters(recurse=False) if p.requires_grad)
+    return list(params.values())
 
 
 def _expert_groups(param: torch.Tensor) -> list[dist.ProcessGroup]:

@@ -172,6 +172,43 @@ def test_moefy_with_shared_experts_shows_them_in_inspect_and_the_card(dense_fold
     torch.testing.assert_close(model(input_ids).logits, dense(input_ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_moefy_widenet_from_the_cli_stores_one_block_and_says_so(dense_folder, tmp_path, capsys):
+    out = tmp_path / "moe"
+    argv = ["moefy", str(dense_folder), str(out), "--num-experts", "4", "--share-blocks-across-layers"]
+    assert main([*argv, "--shared-block-init", "1"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shared_blocks"] == {"across_layers": True, "per_layer_router": False}
+    assert summary["weights"]["checked"] and not summary["weights"].get("unexpected")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert summary["parameters"]["total"] == model.num_parameters() < summary["parameters"]["active"]
+    dense = GPT2LMHeadModel.from_pretrained(dense_folder)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, dense.transformer.h[1].attn.c_attn.weight)
+    assert main(["inspect", str(out)]) == 0
+    assert "blocks shared across layers (WideNet): one block per stack" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "| Blocks shared across layers | WideNet" in card and "| Total (stored) |" in card
+    assert "a shared weight counted once per layer" in card
+    assert main(["moefy", str(dense_folder), str(tmp_path / "bad"), "--per-layer-router"]) == 2
+    assert "--per-layer-router applies only with --share-blocks-across-layers" in capsys.readouterr().err
+    assert main([*argv[:2], str(tmp_path / "bad"), "--share-blocks-across-layers", "--shared-block-init", "x"]) == 2
+    assert "must be 'mean' or a block index" in capsys.readouterr().err
+
+
+def test_moefy_pyramid_from_the_cli(dense_folder, tmp_path, capsys):
+    out = tmp_path / "moe"
+    assert main(["moefy", str(dense_folder), str(out), "--num-experts", "2,4", "--top-k", "2"]) == 0
+    capsys.readouterr()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_experts_per_layer == [2, 4]
+    assert [layer.mlp.experts.num_experts for layer in model.transformer.h] == [2, 4]
+    assert main(["moefy", str(dense_folder), str(tmp_path / "bad"), "--num-experts", "2,4", "--top-k", "3"]) == 2
+    assert "--top-k 3 exceeds the experts of some MoE layer" in capsys.readouterr().err
+    assert main(["moefy", str(dense_folder), str(tmp_path / "bad"), "--num-experts", "2,0"]) == 2
+    assert "must be an integer >= 1" in capsys.readouterr().err
+
+
 def test_moefy_shared_expert_gate_needs_shared_experts(dense_folder, tmp_path, capsys):
     assert main(["moefy", str(dense_folder), str(tmp_path / "moe"), "--shared-expert-gate"]) == 2
     assert "num_shared_experts=0" in capsys.readouterr().err

@@ -82,7 +82,8 @@ def test_moefy_help_shows_defaults_and_every_registered_name(capsys):
     for name in (*ROUTERS, *BALANCE_LOSSES, *INIT_METHODS, *DROP_POLICIES, *CAPACITY_SCOPES):
         assert name in text, f"the moefy help text does not name the registered {name!r}"
     for shown in (
-        "--num-experts E experts per MoE layer (default: 8)",
+        "--num-experts E experts per MoE layer",
+        "e.g. 4,4,8,8; with --init copy, noise or drop_upcycle) (default: 8)",
         "--top-k K",
         "(default: 2)",
         "(default: copy)",

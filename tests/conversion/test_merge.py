@@ -197,6 +197,12 @@ def test_too_few_sources_and_wrong_arguments_are_named():
         merge_experts([dense_gpt2(), dense_gpt2(1)], capacity_facto=1.0, progress=False)
 
 
+def test_shared_blocks_are_refused():
+    # each MoE layer is made from the sources' own layer; one block for every layer cannot hold them
+    with pytest.raises(ValueError, match="share_blocks_across_layers=True .* is not supported"):
+        merge_experts([dense_gpt2(), dense_gpt2(1)], share_blocks_across_layers=True, progress=False)
+
+
 def test_different_model_types_and_heads_are_refused():
     with pytest.raises(ValueError, match=r"sources\[1\] \(T5ForConditionalGeneration\) is a 't5' model"):
         merge_experts([dense_gpt2(), dense_t5()], progress=False)

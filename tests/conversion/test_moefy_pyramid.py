@@ -46,3 +46,21 @@ def test_bad_pyramid_conversions_are_refused(options, message):
     # the config's own checks come wrapped by transformers' strict configs
     with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
         moefy(dense_gpt2(), **{"top_k": 2, **options})
+
+
+def test_dense_from_moe_of_a_pyramid_folds_each_layers_own_combine_weight():
+    from hf_moe import dense_from_moe
+
+    dense = dense_gpt2()
+    # normalized weights: copies give back the dense model bit for bit
+    back = dense_from_moe(moefy(dense, num_experts=[2, 4, 8], top_k=2, normalize_top_k_weights=True))
+    for original, recovered in zip(dense.state_dict().values(), back.state_dict().values(), strict=True):
+        assert torch.equal(original, recovered)
+    # raw softmax weights: at a uniform router each layer gives K / E of its FFN, E the layer's own count
+    back = dense_from_moe(moefy(dense, num_experts=[2, 4, 8], top_k=2, normalize_top_k_weights=False))
+    for layer, experts in enumerate([2, 4, 8]):
+        scale = 2 / experts
+        original, recovered = dense.transformer.h[layer].mlp.c_proj, back.transformer.h[layer].mlp.c_proj
+        torch.testing.assert_close(recovered.weight, scale * original.weight)
+    with pytest.raises(ValueError, match=r"an expert index in \[0, 2\) \(the fewest of num_experts_per_layer=2\)"):
+        dense_from_moe(moefy(dense, num_experts=[2, 4, 8], top_k=2), ffn=3)

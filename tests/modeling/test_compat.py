@@ -134,3 +134,21 @@ def test_flatten_device_mesh_and_the_dtensor_logger_exist():
     assert callable(DeviceMesh._flatten)
     assert _redistribute.logger.name == _compat.DTENSOR_REDISTRIBUTE_LOGGER
     # what the filter does is tested with DTensor's own message template in tests/examples/test_expert_parallel.py
+
+
+def test_adjust_bias_leaves_tied_modules_other_than_the_output_embeddings_alone():
+    assert "output_embeddings" in inspect.signature(PreTrainedModel._adjust_bias).parameters
+    # WideNet ties GPT-2's Conv1D weights (in, out): transformers' fit to the vocabulary would cut the bias to `in`
+    model = hf_moe.GPT2MoeForCausalLM(tiny_gpt2_moe_config(share_blocks_across_layers=True))
+    attention = model.transformer.h[1].attn.c_attn
+    model._adjust_bias(attention, model.transformer.h[0].attn.c_attn.weight)
+    assert attention.bias.shape == (3 * 32,)
+
+
+def test_set_fsdp_units_replaces_the_plan():
+    model = hf_moe.GPT2MoeModel(tiny_gpt2_moe_config())
+    assert model.fsdp_plan == {"h.*": "free_full_weight"}
+    _compat.set_fsdp_units(model, {"ln_f": "free_full_weight"})
+    assert model.fsdp_plan == {"ln_f": "free_full_weight"}
+    shared = hf_moe.GPT2MoeModel(tiny_gpt2_moe_config(share_blocks_across_layers=True))
+    assert shared.fsdp_plan == {"ln_f": "free_full_weight"}  # the blocks stay in the root unit

@@ -373,3 +373,23 @@ def test_t5_feed_forward_applies_its_residual_dropout_to_the_moe_output():
     # every element is dropped (0) or kept and scaled by 1 / (1 - p) = 2
     assert torch.logical_or(ratio.abs() < 1e-4, (ratio - 2).abs() < 1e-3).all()
     assert 0.3 < (ratio.abs() < 1e-4).float().mean() < 0.7
+
+
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.usefixtures("fresh_compiler")
+def test_shared_blocks_cast_and_compile(family):
+    # WideNet: the layers call one experts module and read tied weights; a full graph and a cast keep both
+    model = tiny(family, share_blocks_across_layers=True).train()
+    batch = inputs_for(model)
+    labels = batch.get("decoder_input_ids", batch["input_ids"])
+    eager_loss = copy.deepcopy(model)(**batch, labels=labels).loss
+    loss = torch.compile(model, fullgraph=True, backend="eager")(**batch, labels=labels).loss
+    torch.testing.assert_close(loss, eager_loss)
+    loss.backward()
+    experts = [block.experts for _, block in moe_blocks(model)]
+    assert len({id(module) for module in experts}) == (1 if family == "gpt2" else 2)  # one per stack
+    assert all(module.down_proj.grad is not None for module in experts)
+    model = model.eval().bfloat16()
+    assert all(module.down_proj.dtype == torch.bfloat16 for module in experts)
+    assert model(**batch).logits.dtype == torch.bfloat16

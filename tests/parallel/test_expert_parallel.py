@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from safetensors import safe_open
 
 from tests.parallel.conftest import save_tiny
 from tests.parallel.launch import run_distributed
@@ -66,6 +69,19 @@ def test_ep_matches_single_process_with_shared_experts(family, architecture, tmp
 def test_ep_matches_single_process_with_a_pyramid(family, tmp_path):
     folder = save_tiny(family, tmp_path / "model", num_experts_per_layer=PYRAMIDS[family])
     run_distributed(equivalence_and_training, family, folder, str(tmp_path))
+
+
+def test_ep_matches_single_process_with_shared_blocks(family, tmp_path):
+    # WideNet: the tied expert weights are sharded once and every layer's experts module reaches the same shard;
+    # gradients of every layer accumulate into it on each rank
+    folder = save_tiny(family, tmp_path / "model", share_blocks_across_layers=True)
+    run_distributed(equivalence_and_training, family, folder, str(tmp_path))
+    # the consolidated EP checkpoint keeps one copy: the same tensor names as the single-process file
+    with (
+        safe_open(Path(folder) / "model.safetensors", "pt") as single,
+        safe_open(tmp_path / "trained" / "model.safetensors", "pt") as consolidated,
+    ):
+        assert set(consolidated.keys()) == set(single.keys())
 
 
 # 4 gloo processes also run on 2 cores (about 15 s each): the README's 4-rank diagram, and one expert per rank

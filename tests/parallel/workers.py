@@ -12,6 +12,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.distributed import DistributedConfig
@@ -108,6 +109,11 @@ def assert_callback_logs_global_counts(model, reference, family: str, rank: int,
         seeded_forward(model, family, 20 + rank)
         for index in range(world_size):
             seeded_forward(reference, family, 20 + index)
+    # FSDP2 keeps its root unit's weights gathered after a forward (a backward normally follows and reshards them);
+    # until resharded, the model's parameters are those gathered copies, without the gradients of the backward above
+    # and deaf to the optimizer step that follows
+    if isinstance(model, FSDPModule):
+        model.reshard()
     callback.on_step_end(args, state, control)
     logs = {"loss": 0.0}
     callback.on_log(args, state, control, logs=logs, model=model)
