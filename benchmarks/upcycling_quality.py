@@ -11,7 +11,8 @@ over seeds, at the same number of steps and at the same wall time.
 3. Print a table (mean ± std over seeds, difference to dense, paired by seed) and save the rows as JSON and a plot of
    held-out loss over steps (mean over seeds).
 
-Recipes (`RECIPES`, moefy arguments): copy, noise, drop_upcycle r=0.5, granular, kmeans router, scaled weights.
+Recipes (`RECIPES`, moefy arguments): copy, noise, drop_upcycle r=0.5, granular, kmeans router, scaled weights; and,
+with `--recipes`, WideNet's shared block started as the mean of the dense blocks, block 0 or the last block.
 Shapes: dense GPT-2 with 4 layers, d 128, F 512; MoE with 8 experts top-2 in every layer (granular: G=2 shards of
 F/2, top-4, i.e. the same active FLOPs as copy top-2).
 
@@ -46,7 +47,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditional
 from hf_moe import moefy
 from hf_moe.training import language_model_loss, read_corpus, split_documents, train_bpe_tokenizer
 
-__all__ = ["RECIPES", "Settings", "main", "run"]
+__all__ = ["DEFAULT_RECIPES", "RECIPES", "Settings", "main", "run"]
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -61,7 +62,12 @@ RECIPES: dict[str, dict] = {
     "granular G=2": dict(init="granular", granularity=2, top_k=4),
     "kmeans router": dict(init="copy", top_k=2, router_init="kmeans", calibration=True),
     "scaled": dict(init="copy", top_k=2, normalize_top_k_weights=False, scale_weights=True),
+    # WideNet (not in the default run): one shared block, started as the mean of the dense blocks or one of them
+    "widenet mean": dict(init="copy", top_k=2, share_blocks_across_layers=True),
+    "widenet block 0": dict(init="copy", top_k=2, share_blocks_across_layers=True, shared_block_init=0),
+    "widenet last block": dict(init="copy", top_k=2, share_blocks_across_layers=True, shared_block_init="last"),
 }
+DEFAULT_RECIPES = [name for name in RECIPES if not name.startswith("widenet")]
 
 
 @dataclass
@@ -82,7 +88,7 @@ class Settings:
     eval_every: int = 25
     num_experts: int = 8
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    recipes: list[str] = field(default_factory=lambda: list(RECIPES))
+    recipes: list[str] = field(default_factory=lambda: list(DEFAULT_RECIPES))
     validation_blocks: int = 64  # held-out blocks evaluated (the same ones for every model)
     calibration_blocks: int = 32  # training blocks the kmeans router reads
 
@@ -276,6 +282,8 @@ def run(settings: Settings, log=print) -> dict:
                 arguments = dict(RECIPES[name])
                 if arguments.pop("calibration", False):
                     arguments["calibration_data"] = calibration
+                if arguments.get("shared_block_init") == "last":
+                    arguments["shared_block_init"] = settings.n_layer - 1
                 moe = moefy(folder, num_experts=settings.num_experts, seed=seed, progress=False, **arguments)
                 if settings.family == "gpt2":
                     moe.loss_type = "ForCausalLM"
@@ -368,7 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--text-pairs", default=None, help="t5: 'source<TAB>target' lines (default: span corruption)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2")
     parser.add_argument("--steps", type=int, default=None, help="steps after upcycling (default: 150)")
-    parser.add_argument("--recipes", nargs="+", default=None, help=f"default: all of {list(RECIPES)}")
+    parser.add_argument(
+        "--recipes", nargs="+", default=None, help=f"of {list(RECIPES)} (default: {DEFAULT_RECIPES})"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="blocks per step (default: 8)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="dense pre-training steps (default: 300)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and steps: every code path in seconds")

@@ -46,19 +46,24 @@ def test_moe_layer_benchmark_quick_mode_runs(tmp_path, capsys):
     assert json_path.exists()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "t5"])  # T5 on span corruption of the same text
-def test_upcycling_quality_benchmark_smoke_size_runs(family, tmp_path):
+def _upcycling_quality_benchmark():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "upcycling_quality.py"
     benchmarks_on_path()
     spec = importlib.util.spec_from_file_location("upcycling_quality_benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = benchmark
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])  # T5 on span corruption of the same text
+def test_upcycling_quality_benchmark_smoke_size_runs(family, tmp_path):
+    benchmark = _upcycling_quality_benchmark()
     json_path, plot_path = tmp_path / "quality.json", tmp_path / "quality.png"
     result = benchmark.main(["--smoke", "--family", family, "--json", str(json_path), "--plot", str(plot_path)])
 
     rows = {row["recipe"]: row for row in result["rows"]}
-    assert list(rows) == ["dense", *benchmark.RECIPES]
+    assert list(rows) == ["dense", *benchmark.DEFAULT_RECIPES]
     assert rows["dense"]["same_steps_vs_dense"] == (0.0, 0.0)
     # function-preserving recipes start at the dense model's held-out loss (granular: exactly; copy: top-2 of copies)
     for name in ("copy", "granular G=2"):
@@ -66,3 +71,13 @@ def test_upcycling_quality_benchmark_smoke_size_runs(family, tmp_path):
     for row in rows.values():
         assert all(math.isfinite(value) for value in (*row["same_steps"], *row["same_time"]))
     assert json_path.exists() and plot_path.exists()
+
+
+def test_upcycling_quality_benchmark_runs_the_widenet_recipes(tmp_path):
+    benchmark = _upcycling_quality_benchmark()
+    widenet = [name for name in benchmark.RECIPES if name.startswith("widenet")]
+    result = benchmark.main(["--smoke", "--recipes", *widenet, "--json", str(tmp_path / "q.json"), "--plot", ""])
+    rows = {row["recipe"]: row for row in result["rows"]}
+    assert list(rows) == ["dense", *widenet]
+    for row in rows.values():
+        assert all(math.isfinite(value) for value in (*row["same_steps"], *row["same_time"]))
