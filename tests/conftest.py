@@ -50,9 +50,18 @@ def tiny_word_tokenizer(vocab_size: int = 99):
     )
 
 
-def benchmarks_on_path() -> None:
-    """Put benchmarks/ on sys.path before a test loads one of its scripts: the scripts import their sibling helpers
-    (bench_env.py), as `python benchmarks/x.py` lets them."""
-    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+def load_benchmark(script: str):
+    """A script of benchmarks/ loaded as a module (`"moe_layer"` -> benchmarks/moe_layer.py). benchmarks/ is a folder
+    of scripts, not a package: it goes on sys.path first, since the scripts import their sibling helpers
+    (bench_env.py) as `python benchmarks/x.py` lets them."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"{script}_benchmark", folder / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve string annotations through sys.modules, so the module must be registered first
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

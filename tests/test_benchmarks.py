@@ -1,33 +1,17 @@
-"""Smoke tests of the benchmarks: `moe_layer.py` quick mode, `upcycling_quality.py` smoke size. Speed is never
-asserted."""
+"""Smoke tests of the benchmarks: `moe_layer.py` quick mode, `upcycling_quality.py` smoke size, `generate.py` quick
+mode. Speed is never asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import benchmarks_on_path
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_layer.py"
-
-
-def _load_benchmark():
-    # benchmarks/ is a folder of scripts, not a package: load the file as a module
-    benchmarks_on_path()
-    spec = importlib.util.spec_from_file_location("moe_layer_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve string annotations through sys.modules, so the module must be registered first
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_moe_layer_benchmark_quick_mode_runs(tmp_path, capsys):
-    benchmark = _load_benchmark()
+    benchmark = load_benchmark("moe_layer")
     json_path = tmp_path / "moe_layer.json"
     # "system" malloc: leave the test process's allocator settings alone
     rows = benchmark.main(
@@ -46,19 +30,9 @@ def test_moe_layer_benchmark_quick_mode_runs(tmp_path, capsys):
     assert json_path.exists()
 
 
-def _upcycling_quality_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "upcycling_quality.py"
-    benchmarks_on_path()
-    spec = importlib.util.spec_from_file_location("upcycling_quality_benchmark", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = benchmark
-    spec.loader.exec_module(benchmark)
-    return benchmark
-
-
 @pytest.mark.parametrize("family", ["gpt2", "t5"])  # T5 on span corruption of the same text
 def test_upcycling_quality_benchmark_smoke_size_runs(family, tmp_path):
-    benchmark = _upcycling_quality_benchmark()
+    benchmark = load_benchmark("upcycling_quality")
     json_path, plot_path = tmp_path / "quality.json", tmp_path / "quality.png"
     result = benchmark.main(["--smoke", "--family", family, "--json", str(json_path), "--plot", str(plot_path)])
 
@@ -74,10 +48,21 @@ def test_upcycling_quality_benchmark_smoke_size_runs(family, tmp_path):
 
 
 def test_upcycling_quality_benchmark_runs_the_widenet_recipes(tmp_path):
-    benchmark = _upcycling_quality_benchmark()
+    benchmark = load_benchmark("upcycling_quality")
     widenet = [name for name in benchmark.RECIPES if name.startswith("widenet")]
     result = benchmark.main(["--smoke", "--recipes", *widenet, "--json", str(tmp_path / "q.json"), "--plot", ""])
     rows = {row["recipe"]: row for row in result["rows"]}
     assert list(rows) == ["dense", *widenet]
     for row in rows.values():
         assert all(math.isfinite(value) for value in (*row["same_steps"], *row["same_time"]))
+
+
+def test_generate_benchmark_quick_runs_every_variant(tmp_path):
+    benchmark = load_benchmark("generate")
+    argv = ["--quick", "--batch-sizes", "2", "--implementations", "grouped_mm", "--json", str(tmp_path / "g.json")]
+    result = benchmark.main(argv)
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["dense", "dense K*F", "moe grouped_mm"]
+    assert rows["dense K*F"]["vs_dense_equal_active"] == 1.0
+    assert all(row["decode_tokens_per_s"] > 0 and row["prefill_ms"] > 0 for row in rows.values())
+    assert (tmp_path / "g.json").exists()

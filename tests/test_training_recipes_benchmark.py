@@ -3,29 +3,17 @@ hand-made numbers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import benchmarks_on_path
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "training_recipes.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def recipes():
-    # benchmarks/ is a folder of scripts, not a package: load the file as a module
-    benchmarks_on_path()
-    spec = importlib.util.spec_from_file_location("training_recipes_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve string annotations through sys.modules, so the module must be registered first
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("training_recipes")
 
 
 def _numbers(value):

@@ -113,9 +113,12 @@ def test_fullgraph_compiled_training_step_with_per_step_balancing(fields):
 
 
 # the architectures beside the routed experts: their extra weights must cast and trace like the rest
+# the config overrides and the MoE block part whose weights the architecture adds or changes
 ARCHITECTURES = {
-    "shared_gated": dict(num_shared_experts=2, shared_expert_gate=True),
-    "residual_moe": dict(residual_moe=True, num_experts_per_tok=1),
+    "shared_gated": (dict(num_shared_experts=2, shared_expert_gate=True), "shared_experts"),
+    "residual_moe": (dict(residual_moe=True, num_experts_per_tok=1), "shared_experts"),
+    # WideNet: the layers call one experts module and read tied weights
+    "shared_blocks": (dict(share_blocks_across_layers=True), "experts"),
 }
 
 
@@ -123,18 +126,21 @@ ARCHITECTURES = {
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 @pytest.mark.usefixtures("fresh_compiler")
-def test_shared_expert_architectures_cast_and_compile(family, architecture):
-    model = tiny(family, **ARCHITECTURES[architecture]).train()
+def test_architectures_cast_and_compile(family, architecture):
+    overrides, part = ARCHITECTURES[architecture]
+    model = tiny(family, **overrides).train()
     batch = inputs_for(model)
     labels = batch.get("decoder_input_ids", batch["input_ids"])
     eager_loss = copy.deepcopy(model)(**batch, labels=labels).loss
     loss = torch.compile(model, fullgraph=True, backend="eager")(**batch, labels=labels).loss
     torch.testing.assert_close(loss, eager_loss)
     loss.backward()
-    shared = [block.shared_experts for _, block in moe_blocks(model)]
-    assert all(module.down_proj.grad is not None for module in shared)
+    parts = [getattr(block, part) for _, block in moe_blocks(model)]
+    if architecture == "shared_blocks":
+        assert len({id(module) for module in parts}) == (1 if family == "gpt2" else 2)  # one per stack
+    assert all(module.down_proj.grad is not None for module in parts)
     model = model.eval().bfloat16()
-    assert all(module.down_proj.dtype == torch.bfloat16 for module in shared)
+    assert all(module.down_proj.dtype == torch.bfloat16 for module in parts)
     assert model(**batch).logits.dtype == torch.bfloat16
 
 
@@ -373,23 +379,3 @@ def test_t5_feed_forward_applies_its_residual_dropout_to_the_moe_output():
     # every element is dropped (0) or kept and scaled by 1 / (1 - p) = 2
     assert torch.logical_or(ratio.abs() < 1e-4, (ratio - 2).abs() < 1e-3).all()
     assert 0.3 < (ratio.abs() < 1e-4).float().mean() < 0.7
-
-
-@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATION)
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.usefixtures("fresh_compiler")
-def test_shared_blocks_cast_and_compile(family):
-    # WideNet: the layers call one experts module and read tied weights; a full graph and a cast keep both
-    model = tiny(family, share_blocks_across_layers=True).train()
-    batch = inputs_for(model)
-    labels = batch.get("decoder_input_ids", batch["input_ids"])
-    eager_loss = copy.deepcopy(model)(**batch, labels=labels).loss
-    loss = torch.compile(model, fullgraph=True, backend="eager")(**batch, labels=labels).loss
-    torch.testing.assert_close(loss, eager_loss)
-    loss.backward()
-    experts = [block.experts for _, block in moe_blocks(model)]
-    assert len({id(module) for module in experts}) == (1 if family == "gpt2" else 2)  # one per stack
-    assert all(module.down_proj.grad is not None for module in experts)
-    model = model.eval().bfloat16()
-    assert all(module.down_proj.dtype == torch.bfloat16 for module in experts)
-    assert model(**batch).logits.dtype == torch.bfloat16

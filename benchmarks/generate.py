@@ -1,0 +1,222 @@
+"""Whole-model decoding speed: `generate` tokens/s at batch 1 and batch 8, and the prefill time, of a GPT-2 MoE under
+each experts implementation against a dense GPT-2 and a dense GPT-2 of equal active FLOPs.
+
+Shape legend: D hidden size, F expert hidden size, E experts, K experts per token.
+
+Variants (every one a GPT-2 with the same D, layers, heads and vocabulary, random weights from one seed):
+
+- `dense`:          GPT-2 with FFN width F (the model the MoE is made from);
+- `dense K*F`:      GPT-2 with FFN width K*F: the same active FLOPs per token as the MoE (the fair comparison);
+- `moe <impl>`:     GPT-2 MoE, E experts of width F, top-K in every layer, with `set_experts_implementation(impl)`.
+
+Each measurement runs in a fresh subprocess (one model per process, so no model's memory or caches help another),
+round-robin over the variants, `--repeats` times; the table reports medians and the ratio of each variant's decode
+tokens/s to `dense K*F`'s, measured side by side in the same run. Greedy decoding with the KV cache, `--new-tokens`
+tokens after a `--prompt-tokens` prompt:
+
+    prefill   = from the call of `generate` to the first token's logits (one forward over the prompt)
+    decode/s  = batch * (new_tokens - 1) / (time from the first token's logits to the last one's)
+
+both timed by a logits processor, which `generate` calls right after each step's forward, as medians of `CALLS`
+calls after a warm-up call.
+
+    python benchmarks/generate.py                    # the README's table (GPT-2-small-shaped, 2 layers)
+    python benchmarks/generate.py --quick            # seconds: tiny shapes, every code path
+    python benchmarks/generate.py --device cuda      # the same on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench_env import environment, write_atomically
+
+__all__ = ["Settings", "main", "measure"]
+
+IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
+CALLS = 3  # timed generate calls per batch size in one worker
+
+
+@dataclass
+class Settings:
+    n_layer: int = 2
+    n_embd: int = 768
+    n_head: int = 12
+    ffn: int = 3072  # F
+    num_experts: int = 8  # E
+    top_k: int = 2  # K
+    vocab_size: int = 50257
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    implementations: list[str] = field(default_factory=lambda: list(IMPLEMENTATIONS))
+    repeats: int = 5
+    device: str = "cpu"
+    threads: int | None = None  # torch threads in each worker (None: torch's default)
+
+
+QUICK = dict(n_layer=2, n_embd=64, n_head=4, ffn=128, num_experts=4, vocab_size=512, prompt_tokens=8, new_tokens=6,
+             repeats=1)  # fmt: skip
+
+
+def variants(settings: Settings) -> list[str]:
+    return ["dense", "dense K*F", *(f"moe {implementation}" for implementation in settings.implementations)]
+
+
+def build(variant: str, settings: Settings):
+    """The variant's model, in eval mode on the settings' device, seeded."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_moe import GPT2MoeConfig, GPT2MoeForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(
+        n_layer=settings.n_layer, n_embd=settings.n_embd, n_head=settings.n_head, vocab_size=settings.vocab_size,
+        n_positions=settings.prompt_tokens + settings.new_tokens, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    if variant == "dense":
+        model = GPT2LMHeadModel(GPT2Config(n_inner=settings.ffn, **shape))
+    elif variant == "dense K*F":
+        model = GPT2LMHeadModel(GPT2Config(n_inner=settings.top_k * settings.ffn, **shape))
+    else:
+        config = GPT2MoeConfig(
+            n_inner=settings.ffn, num_experts=settings.num_experts, num_experts_per_tok=settings.top_k, **shape
+        )
+        model = GPT2MoeForCausalLM(config)
+        model.set_experts_implementation(variant.removeprefix("moe "))
+    # no end-of-sequence token: every variant decodes all its tokens, whatever its random weights predict (not
+    # `min_new_tokens`, whose processor scans the vocabulary at every step and would dominate small models' time)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to(settings.device).eval()
+
+
+def measure(variant: str, settings: Settings) -> dict:
+    """One worker's measurement of one variant: prefill seconds and decode tokens/s per batch size (medians over
+    `CALLS` generate calls after a warm-up call)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        # called once per generated token, right after that step's forward: the gaps are the decode steps
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            _synchronize(settings.device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model = build(variant, settings)
+    result = {}
+    for batch in settings.batch_sizes:
+        prompt = torch.randint(1, settings.vocab_size, (batch, settings.prompt_tokens), device=settings.device)
+        prefills, decodes = [], []
+        for call in range(CALLS + 1):  # call 0 warms up the allocator, kernels and generation config
+            clock = Clock()
+            _synchronize(settings.device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=settings.new_tokens,
+                    do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                )  # fmt: skip
+            if call:
+                prefills.append(clock.times[0] - start)
+                decodes.append(batch * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+        result[str(batch)] = {
+            "prefill_s": statistics.median(prefills),
+            "decode_tokens_per_s": statistics.median(decodes),
+        }
+    return result
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(settings: Settings, log=print) -> dict:
+    """Round-robin over the variants, one subprocess per measurement; medians and ratios to `dense K*F`."""
+    names = variants(settings)
+    samples: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(settings.repeats):
+        for name in names:
+            samples[name].append(_in_subprocess(name, settings))
+        log(f"repeat {repeat + 1}/{settings.repeats} done")
+    rows = []
+    for batch in map(str, settings.batch_sizes):
+        reference = statistics.median(s[batch]["decode_tokens_per_s"] for s in samples["dense K*F"])
+        for name in names:
+            decode = statistics.median(s[batch]["decode_tokens_per_s"] for s in samples[name])
+            prefill = statistics.median(s[batch]["prefill_s"] for s in samples[name])
+            rows.append(
+                {"variant": name, "batch": int(batch), "decode_tokens_per_s": decode, "prefill_ms": 1000 * prefill,
+                 "vs_dense_equal_active": decode / reference}
+            )  # fmt: skip
+    return {"settings": asdict(settings), "environment": environment(), "rows": rows, "samples": samples}
+
+
+def _in_subprocess(variant: str, settings: Settings) -> dict:
+    request = json.dumps({"variant": variant, "settings": asdict(settings)})
+    completed = subprocess.run(
+        [sys.executable, __file__, "--worker", request], capture_output=True, text=True, check=False
+    )
+    if completed.returncode:
+        raise RuntimeError(f"the {variant!r} worker failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| variant | batch | decode tokens/s | vs dense K*F | prefill ms |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['variant']} | {row['batch']} | {row['decode_tokens_per_s']:.1f} | "
+            f"{row['vs_dense_equal_active']:.2f}x | {row['prefill_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: every code path in seconds")
+    parser.add_argument("--repeats", type=int, default=None, help="measurements per variant (default: 5)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8")
+    parser.add_argument("--implementations", nargs="+", default=None, help=f"default: {list(IMPLEMENTATIONS)}")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    parser.add_argument("--json", default="outputs/generate.json", help="where to save the results")
+    args = parser.parse_args(argv)
+    if args.worker:
+        request = json.loads(args.worker)
+        print(json.dumps(measure(request["variant"], Settings(**request["settings"]))))
+        return None
+    settings = Settings(**(QUICK if args.quick else {}), device=args.device, threads=args.threads)
+    for name in ("repeats", "batch_sizes", "implementations"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    result = run(settings)
+    print(table(result))
+    print(json.dumps(result["environment"]))
+    write_atomically(Path(args.json), json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
