@@ -376,9 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--text-pairs", default=None, help="t5: 'source<TAB>target' lines (default: span corruption)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2")
     parser.add_argument("--steps", type=int, default=None, help="steps after upcycling (default: 150)")
-    parser.add_argument(
-        "--recipes", nargs="+", default=None, help=f"of {list(RECIPES)} (default: {DEFAULT_RECIPES})"
-    )
+    parser.add_argument("--recipes", nargs="+", default=None, help=f"of {list(RECIPES)} (default: {DEFAULT_RECIPES})")
     parser.add_argument("--batch-size", type=int, default=None, help="blocks per step (default: 8)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="dense pre-training steps (default: 300)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and steps: every code path in seconds")
