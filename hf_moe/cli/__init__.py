@@ -16,6 +16,7 @@ __all__ = [
     "LAYER_SPEC_SHORT",
     "add_balancing_options",
     "add_moe_layer_options",
+    "mean_or_index",
     "non_negative_float",
     "positive_float",
     "positive_int",
@@ -71,6 +72,24 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def mean_or_index(noun: str):
+    """argparse type factory: 'mean' or an integer >= 0, which errors call `noun` (e.g. "an expert index >= 0").
+    The upper bound needs the model, so the library checks it once the model is read."""
+
+    def parse(text: str) -> str | int:
+        if text == "mean":
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be 'mean' or {noun}, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 'mean' or {noun}, got {value}")
+        return value
+
+    return parse
 
 
 def positive_float(text: str) -> float:

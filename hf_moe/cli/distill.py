@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from . import LAYER_SPEC_SHORT, positive_float, positive_int
+from . import LAYER_SPEC_SHORT, mean_or_index, positive_float, positive_int
 from .moefy import _check_out
 
 METRICS_FILENAME = "metrics.json"
@@ -23,19 +23,6 @@ STUDENTS = ("dense", "mos")
 # tokenizer files a folder may hold (hf_moe.conversion.save.TOKENIZER_FILES minus the config-only ones, which alone
 # make no tokenizer; tests/cli check that they are among those)
 TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
-
-
-def ffn_choice(text: str) -> str | int:
-    """argparse type: 'mean' or an expert index >= 0 (the teacher's expert count is checked once it is read)."""
-    if text == "mean":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'mean' or an expert index >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 'mean' or an expert index >= 0, got {value}")
-    return value
 
 
 def unit_ratio(text: str) -> float:
@@ -88,7 +75,7 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument(
         "--ffn",
         metavar="mean|I",
-        type=ffn_choice,
+        type=mean_or_index("an expert index >= 0"),
         default=None,
         help="with --student dense: each dense FFN is the mean of the layer's experts, or expert I (default: mean)",
     )

@@ -11,7 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_balancing_options, add_moe_layer_options, non_negative_float, positive_float, positive_int
+from . import (
+    add_balancing_options,
+    add_moe_layer_options,
+    mean_or_index,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 # The registries (routers, balance losses, drop policies, capacity scopes, init methods) import torch, so they are not
 # argparse `choices`: the help names the built-in entries, and `run` checks the value against the registry itself,
@@ -42,19 +49,6 @@ def expert_counts(text: str) -> int | list[int]:
     """argparse type: E (every MoE layer) or E1,E2,... (one count per MoE layer: a PR-MoE pyramid)."""
     counts = [positive_int(part.strip()) for part in text.split(",")]
     return counts[0] if len(counts) == 1 else counts
-
-
-def shared_block_start(text: str) -> str | int:
-    """argparse type: "mean" or a block index."""
-    if text == "mean":
-        return text
-    try:
-        index = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'mean' or a block index (an integer >= 0), got {text!r}") from None
-    if index < 0:
-        raise argparse.ArgumentTypeError(f"must be 'mean' or a block index (an integer >= 0), got {index}")
-    return index
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -281,7 +275,7 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument(
         "--shared-block-init",
         metavar="mean|J",
-        type=shared_block_start,
+        type=mean_or_index("a block index (an integer >= 0)"),
         default=None,
         help="with --share-blocks-across-layers: each shared weight starts as the mean over the dense layers (mean, "
         "the default) or as dense block J's",

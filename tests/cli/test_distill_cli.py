@@ -125,6 +125,7 @@ CASES = [
     ("no tokenizer", ["distill", "{ws}/moe", "{ws}/out", "--student", "dense", *TEXT], ["{ws}/moe has no tokenizer", "tokenizer.json"], None),
     ("too many experts", ["distill", "{ws}/teacher", "{ws}/out", "--student", "mos", "--experts", "5", *TEXT], ["--experts 5", "choose 2..4"], None),
     ("ffn out of range", ["distill", "{ws}/teacher", "{ws}/out", "--student", "dense", "--ffn", "4", *TEXT], ["--ffn 4", "0..3"], None),
+    ("ffn not an index", ["distill", "{ws}/teacher", "{ws}/out", "--student", "dense", "--ffn", "-1", *TEXT], ["--ffn", "must be 'mean' or an expert index >= 0, got -1"], None),
     ("ffn with mos", ["distill", "{ws}/teacher", "{ws}/out", "--student", "mos", "--ffn", "0", *TEXT], ["--ffn applies only with --student dense"], None),
     ("OUT not empty", ["distill", "{ws}/teacher", "{ws}/out", "--student", "dense", *TEXT], ["OUT {ws}/out is not empty", "--overwrite"], _full_out),
     ("negative alpha", ["distill", "{ws}/teacher", "{ws}/out", "--student", "dense", "--alpha", "-0.1", *TEXT], ["--alpha", "[0, 1]"], None),
