@@ -23,6 +23,7 @@ calls after a warm-up call.
     python benchmarks/generate.py                    # the README's table (GPT-2-small-shaped, 2 layers)
     python benchmarks/generate.py --quick            # seconds: tiny shapes, every code path
     python benchmarks/generate.py --device cuda      # the same on a GPU
+    python benchmarks/generate.py --compile          # static KV cache + torch.compile (each worker compiles first)
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench_env import environment, write_atomically
+from bench_env import environment, in_subprocess, write_atomically
+
+from hf_moe.modeling import EXPERTS_IMPLEMENTATIONS
 
 __all__ = ["Settings", "main", "measure"]
 
-IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
+IMPLEMENTATIONS = EXPERTS_IMPLEMENTATIONS  # hf_moe_auto (the default), grouped_mm, eager, batched_mm
 CALLS = 3  # timed generate calls per batch size in one worker
 
 
@@ -60,6 +61,9 @@ class Settings:
     repeats: int = 5
     device: str = "cpu"
     threads: int | None = None  # torch threads in each worker (None: torch's default)
+    # a static KV cache and `torch.compile(model.forward, fullgraph=True)` (transformers' recipe for fast decoding);
+    # the warm-up call of each batch size compiles, so the timed calls run the compiled graphs
+    compile: bool = False
 
 
 QUICK = dict(n_layer=2, n_embd=64, n_head=4, ffn=128, num_experts=4, vocab_size=512, prompt_tokens=8, new_tokens=6,
@@ -96,7 +100,13 @@ def build(variant: str, settings: Settings):
     # `min_new_tokens`, whose processor scans the vocabulary at every step and would dominate small models' time)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return model.to(settings.device).eval()
+    model = model.to(settings.device).eval()
+    if settings.compile:
+        model.generation_config.cache_implementation = "static"
+        # CUDA graphs ("reduce-overhead") on a GPU; on CPU the default mode
+        mode = "reduce-overhead" if settings.device.startswith("cuda") else None
+        model.forward = torch.compile(model.forward, fullgraph=True, mode=mode)
+    return model
 
 
 def measure(variant: str, settings: Settings) -> dict:
@@ -154,7 +164,7 @@ def run(settings: Settings, log=print) -> dict:
     samples: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(settings.repeats):
         for name in names:
-            samples[name].append(_in_subprocess(name, settings))
+            samples[name].append(in_subprocess(__file__, {"variant": name, "settings": asdict(settings)}))
         log(f"repeat {repeat + 1}/{settings.repeats} done")
     rows = []
     for batch in map(str, settings.batch_sizes):
@@ -167,16 +177,6 @@ def run(settings: Settings, log=print) -> dict:
                  "vs_dense_equal_active": decode / reference}
             )  # fmt: skip
     return {"settings": asdict(settings), "environment": environment(), "rows": rows, "samples": samples}
-
-
-def _in_subprocess(variant: str, settings: Settings) -> dict:
-    request = json.dumps({"variant": variant, "settings": asdict(settings)})
-    completed = subprocess.run(
-        [sys.executable, __file__, "--worker", request], capture_output=True, text=True, check=False
-    )
-    if completed.returncode:
-        raise RuntimeError(f"the {variant!r} worker failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def table(result: dict) -> str:
@@ -201,13 +201,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--implementations", nargs="+", default=None, help=f"default: {list(IMPLEMENTATIONS)}")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    parser.add_argument(
+        "--compile", action="store_true", help="static KV cache + torch.compile(model.forward, fullgraph=True)"
+    )
     parser.add_argument("--json", default="outputs/generate.json", help="where to save the results")
     args = parser.parse_args(argv)
     if args.worker:
         request = json.loads(args.worker)
         print(json.dumps(measure(request["variant"], Settings(**request["settings"]))))
         return None
-    settings = Settings(**(QUICK if args.quick else {}), device=args.device, threads=args.threads)
+    settings = Settings(
+        **(QUICK if args.quick else {}), device=args.device, threads=args.threads, compile=args.compile
+    )
     for name in ("repeats", "batch_sizes", "implementations"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))

@@ -8,7 +8,8 @@ Every row of the table is one case: the same seeded input `x_BSD` and output gra
 - `dense`:  transformers' `GPT2MLP` with hidden size K*F, i.e. the same *active* FLOPs as the MoE layer
             (a top-2 MoE compares to a 2x-wide dense MLP);
 - `ours`:   hf_moe's `SparseMoeBlock(config, GPT2MoeExperts(config))` (router, capacity, experts, counters),
-            once per experts implementation (`grouped_mm`, the default; `eager`; `batched_mm` at small shapes);
+            once per experts implementation (`hf_moe_auto`, the default and "ours" in the ratios; `grouped_mm`;
+            `eager`; `batched_mm` at small shapes);
 - `switch`: transformers' `SwitchTransformersSparseMLP` with the same D, F, E and router weights. It is top-1
             only, so top-2 rows compare against it at top-1 (it then does half of ours' expert FLOPs).
 
@@ -25,6 +26,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,18 +35,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import transformers
+from bench_env import peak_resident_mib, resident_mib, restart_peak_resident
 from torch import nn
 from transformers import GPT2Config, SwitchTransformersConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
 from hf_moe import GPT2MoeConfig, SparseMoeBlock
-from hf_moe.modeling import GPT2MoeExperts
+from hf_moe.modeling import AUTO_EXPERTS_IMPLEMENTATION, EXPERTS_IMPLEMENTATIONS, GPT2MoeExperts
 
 __all__ = ["Case", "default_cases", "main", "quick_cases", "run_case"]
 
-# transformers' experts kernels we can time side by side on one block (same weights, same routing)
-EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
 ACTIVATION = "gelu_new"  # GPT-2's; Switch gets the same so the three layers differ only in how they route and group
 INIT_STD = 0.02  # GPT-2's initializer_range, also the default router_init_std
 MAX_SEQ_LEN = 1024  # GPT-2's context; Switch applies its capacity per sequence, so the (B, S) split matters to it
@@ -68,7 +69,8 @@ class Case:
     top_k: int
     skew: float = 0.0  # 0: balanced router; see DEFAULT_SKEW
     capacity_factor: float | None = None  # None: dropless
-    experts_implementations: tuple[str, ...] = ("grouped_mm", "eager")
+    # the first is "ours" in the ratios
+    experts_implementations: tuple[str, ...] = (AUTO_EXPERTS_IMPLEMENTATION, "grouped_mm", "eager")
     # registry name; for routers other than top-k, `top_k` is the experts a token uses (expert choice: its
     # capacity factor), which sets the dense comparator's width k*F
     router_type: str = "topk"
@@ -97,14 +99,17 @@ def quick_cases() -> list[Case]:
 
 
 def router_cases(make: Callable[..., Case], prefix: str) -> list[Case]:
-    """One row per router from the literature, at E=8 (grouped_mm only; the router is what differs)."""
-    fields = dict(num_experts=8, experts_implementations=("grouped_mm",))
+    """One row per router from the literature, at E=8 (the default implementation only; the router is what differs)."""
+    fields = dict(num_experts=8, experts_implementations=(AUTO_EXPERTS_IMPLEMENTATION,))
     return [
         make(f"{prefix} hash", top_k=1, router_type="hash", **fields),
         make(f"{prefix} BASE", top_k=1, router_type="base", **fields),
         make(f"{prefix} dense-to-sparse k2", top_k=2, router_type="dense_to_sparse", **fields),
         make(f"{prefix} expert choice c2", top_k=2, router_type="expert_choice", capacity_factor=2.0, **fields),
     ]
+
+
+GROUPED = (AUTO_EXPERTS_IMPLEMENTATION, "grouped_mm")  # the large rows where eager's loop would take minutes
 
 
 def default_cases() -> list[Case]:
@@ -118,8 +123,8 @@ def default_cases() -> list[Case]:
         _large("E8 k1", num_experts=8, top_k=1),
         _large("E8 k2", num_experts=8, top_k=2),
         _large("E64 k1", num_experts=64, top_k=1),
-        _large("E64 k2", num_experts=64, top_k=2, experts_implementations=("grouped_mm",)),
-        _large("E8 k2 skewed", num_experts=8, top_k=2, skew=DEFAULT_SKEW, experts_implementations=("grouped_mm",)),
+        _large("E64 k2", num_experts=64, top_k=2, experts_implementations=GROUPED),
+        _large("E8 k2 skewed", num_experts=8, top_k=2, skew=DEFAULT_SKEW, experts_implementations=GROUPED),
         _large("E8 k2 cap1.25", num_experts=8, top_k=2, capacity_factor=1.25),
         _large(
             "E8 k2 skewed cap1.25",
@@ -127,7 +132,7 @@ def default_cases() -> list[Case]:
             top_k=2,
             skew=DEFAULT_SKEW,
             capacity_factor=1.25,
-            experts_implementations=("grouped_mm",),
+            experts_implementations=GROUPED,
         ),
         *router_cases(_large, "E8"),
     ]
@@ -176,7 +181,7 @@ def _gpt2_moe_config(case: Case) -> GPT2MoeConfig:
 def build_ours(case: Case, hot_direction_D: torch.Tensor) -> SparseMoeBlock:
     config = _gpt2_moe_config(case)
     # standalone modules get no experts implementation from `post_init`; None would silently mean eager
-    config._experts_implementation = "grouped_mm"
+    config._experts_implementation = AUTO_EXPERTS_IMPLEMENTATION
     block = SparseMoeBlock(config, GPT2MoeExperts(config))
     experts = block.experts
     experts.up_proj.normal_(0.0, INIT_STD)
@@ -339,25 +344,46 @@ def time_sample(step: Callable[[], torch.Tensor], inner: int) -> float:
             gc.enable()
 
 
-def peak_step_memory_mib(step: Callable[[], torch.Tensor]) -> float:
-    """Peak bytes held by tensors during one step, above what was held when it started (gradients included).
+def peak_step_memory_mib(case: Case, label: str, seed: int) -> float:
+    """Peak resident memory of one step of variant `label` of `case`, above the memory held when the step started
+    (gradients included), measured in a fresh subprocess (`--memory-worker`) so no other variant's memory counts.
 
-    torch's profiler records every CPU allocator call with its size (`profile_memory=True`); the running sum of
-    those records in time order is the live-tensor bytes of the step. tracemalloc cannot see torch's allocations,
-    and max-RSS deltas need a fresh process per layer. Memory that MKL/oneDNN allocate for themselves is not counted.
+    The worker builds only that variant and its inputs, reads its resident set size, runs one step and reads the
+    peak resident set size of that step (`bench_env.peak_resident_mib`); the difference is the step's peak. It includes what MKL / oneDNN and the
+    allocator hold for themselves, which a tensor count would miss. (torch's memory profiler ran out of 24 GiB at
+    E=64: it records every allocation.)
     """
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    records = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    request = json.dumps({"case": asdict(case), "label": label, "seed": seed})
+    completed = subprocess.run(
+        [sys.executable, __file__, "--memory-worker", request], capture_output=True, text=True, check=False
     )
-    live = peak = 0
-    for _, nbytes in records:
-        live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+    if completed.returncode:
+        raise RuntimeError(f"the memory worker for {case.name!r} / {label} failed:\n{completed.stderr[-3000:]}")
+    return float(completed.stdout.strip().splitlines()[-1])
+
+
+def _memory_worker(request: dict) -> float:
+    case = Case(**{**request["case"], "experts_implementations": tuple(request["case"]["experts_implementations"])})
+    label = request["label"]
+    x_BSD, grad_BSD, hot_direction_D, input_ids_BS = make_inputs(case, request["seed"])
+    kwargs = {}
+    if label == "dense":
+        module = build_dense(case)
+    else:
+        ours = build_ours(case, hot_direction_D)
+        if label == "switch":
+            module = build_switch(case, ours, x_BSD.shape[1])
+            del ours
+        else:
+            module = ours
+            Variant(label, ours, label.removeprefix("ours[").removesuffix("]")).select()
+            kwargs = {"input_ids": input_ids_BS}
+    step = make_step(module, x_BSD, grad_BSD, **kwargs)
+    gc.collect()
+    start_mib = resident_mib()
+    restart_peak_resident()
+    step()
+    return peak_resident_mib() - start_mib
 
 
 def run_case(
@@ -412,12 +438,7 @@ def run_case(
 
     if memory:
         for variant in variants:
-            variant.select()
-            for param in variant.module.parameters():  # freed inside the profiled step, they would be uncounted
-                param.grad = None
-            x_BSD.grad = None
-            gc.collect()
-            timings[variant.label].peak_mib = peak_step_memory_mib(steps[variant.label])
+            timings[variant.label].peak_mib = peak_step_memory_mib(case, variant.label, seed)
 
     row = _summarize(case, ours, timings, outputs, seq_len)
     row["others_busy_fraction"] = others_busy
@@ -437,7 +458,7 @@ def _switch_dropped_fraction(switch: SwitchTransformersSparseMLP, x_BSD: torch.T
 
 def _summarize(case: Case, ours: SparseMoeBlock, timings: dict, outputs: dict, seq_len: int) -> dict:
     routed_E = ours.routed_tokens_per_expert
-    ours_label = "ours[grouped_mm]" if "ours[grouped_mm]" in timings else f"ours[{case.experts_implementations[0]}]"
+    ours_label = f"ours[{case.experts_implementations[0]}]"
     ms = {label: timing.median_ms for label, timing in timings.items()}
     # sanity checks on the warmup outputs: our kernels agree; at top-1 dropless, Switch computes the same function
     reference = outputs[ours_label]
@@ -485,7 +506,7 @@ def markdown_tables(rows: Sequence[dict]) -> str:
     header = ["case", "T", "D", "F", "E", "k", "dense (k·F wide)"]
     header += [f"ours {impl}" for impl in impls]
     header += ["Switch (top-1)", "**ours / dense**", "**Switch / ours**"]
-    header += [f"{impl} / dense" for impl in impls if impl != "grouped_mm"]
+    header += [f"{impl} / dense" for impl in impls if impl != AUTO_EXPERTS_IMPLEMENTATION]
     header += ["top expert", "dropped ours / Switch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -500,7 +521,7 @@ def markdown_tables(rows: Sequence[dict]) -> str:
         cells.append(_fmt_ms(ms["switch"]))
         cells += [f"**{row['ours_over_dense']:.2f}x**", f"**{row['switch_over_ours']:.2f}x**"]
         for impl in impls:
-            if impl != "grouped_mm":
+            if impl != AUTO_EXPERTS_IMPLEMENTATION:
                 value = ms.get(f"ours[{impl}]")
                 cells.append("-" if value is None else f"{value / ms['dense']:.2f}x")
         cells.append(_fmt_pct(row["top_expert_share"]))
@@ -522,7 +543,10 @@ def markdown_tables(rows: Sequence[dict]) -> str:
             cells.append(f"{peak['switch']:.0f}")
             cells.append(f"{peak[row['ours_label']] / peak['dense']:.2f}x")
             lines.append("| " + " | ".join(cells) + " |")
-        text += "\n\nPeak tensor memory of one forward+backward step (MiB, above the step's start):\n\n"
+        text += (
+            "\n\nPeak resident memory of one forward+backward step (MiB, above the step's start; one subprocess per "
+        )
+        text += "variant):\n\n"
         text += "\n".join(lines)
     return text
 
@@ -606,7 +630,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help="before each case, wait up to this long for other processes to leave the CPUs (shared machines)",
     )
-    parser.add_argument("--no-memory", action="store_true", help="skip the profiler pass that measures peak memory")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory pass (one subprocess per variant and case)"
+    )
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     parser.add_argument(
         "--malloc",
         choices=("keep", "system"),
@@ -632,6 +659,9 @@ QUICK_DEFAULTS = (5, 2, 0.02)  # --quick: the same cases, shorter samples (under
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark; prints the table and returns the result rows (one dict per case)."""
     args = parse_args(argv)
+    if args.memory_worker:
+        print(_memory_worker(json.loads(args.memory_worker)))
+        return []
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     malloc = "system"

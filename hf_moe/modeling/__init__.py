@@ -9,6 +9,7 @@ from .configuration_moe import MoeConfigFields
 from .configuration_t5_moe import T5MoeConfig
 from .dispatch import Capacity, capacity_keep_mask, expert_capacity, run_experts
 from .experts import ExpertActivation, MoeExperts
+from .experts_auto import AUTO_EXPERTS_IMPLEMENTATION, EXPERTS_IMPLEMENTATIONS
 from .losses import (
     cv_squared,
     importance_load_balance_loss,
@@ -43,6 +44,8 @@ from .routing_hash import HashRouter
 from .sparse_moe import RouterLosses, RouterLossValues, SparseMoeBlock
 
 __all__ = [
+    "AUTO_EXPERTS_IMPLEMENTATION",
+    "EXPERTS_IMPLEMENTATIONS",
     "BALANCE_LOSSES",
     "ROUTERS",
     "BaseLayerRouter",

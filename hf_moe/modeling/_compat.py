@@ -31,11 +31,13 @@ __all__ = [
     "decay_parameter_names",
     "flatten_device_mesh",
     "from_config_without_init",
+    "grouped_linear",
     "install_output_recorders",
     "local_shard_offset",
     "mesh_data_parallel_group",
     "parent_recorders",
     "quiet_unmergeable_full_gathers",
+    "register_experts_function",
     "register_names_for_trainer_and_pipelines",
     "require_private",
     "require_trainer_checkpoint_hooks",
@@ -284,6 +286,36 @@ def parent_recorders(parent: type) -> dict:
 def set_experts_implementation_of_copy(config, experts_implementation: str) -> None:
     """Set the experts implementation on a config copy that `set_experts_implementation` does not reach."""
     config._experts_implementation_internal = experts_implementation
+
+
+def grouped_linear(
+    x_ND: torch.Tensor, weight: torch.Tensor, offsets_E: torch.Tensor, bias_NO: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    """Rows of `x_ND` sorted by expert (expert e's rows end at `offsets_E[e]`) times their expert's weight, plus the
+    per-row bias: transformers' `_grouped_linear`. It chooses between torch's grouped GEMM and transformers' own
+    fallback op by device, dtype and compile state (`_can_use_grouped_mm`), which hf_moe should not restate."""
+    from transformers.integrations import moe
+
+    return moe._grouped_linear(x_ND, weight, offsets_E, bias=bias_NO, is_transposed=transposed)
+
+
+def register_experts_function(name: str, forward: Callable) -> None:
+    """Make `name` an experts implementation: transformers' `ALL_EXPERTS_FUNCTIONS` table, which the
+    `@use_experts_implementation` forward and `set_experts_implementation`'s check both read."""
+    from transformers.integrations import moe
+
+    moe.ALL_EXPERTS_FUNCTIONS.register(name, forward)
+
+
+def _require_experts_integration() -> None:
+    from transformers.integrations import moe
+
+    require_private(moe, "_grouped_linear", ("input", "weight", "offs", "bias", "is_transposed"))
+    require_private(moe, "ALL_EXPERTS_FUNCTIONS")
+    require_private(type(moe.ALL_EXPERTS_FUNCTIONS), "register", ("key", "value"))
+
+
+_require_experts_integration()
 
 
 def update_parallel_plans(model, keep: Callable[[str], bool]) -> None:

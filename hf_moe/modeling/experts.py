@@ -4,9 +4,9 @@ Shape legend: T tokens, D hidden size, F expert hidden size, E experts, K expert
 
 A family subclasses `MoeExperts` in its own modeling file and decorates it with transformers'
 `@use_experts_implementation(...)` (transformers looks for that text in the model's own source file before it lets
-a model switch experts implementation). The decorator dispatches `forward` to "grouped_mm" (the default: one sort,
-grouped GEMMs), "batched_mm" or this file's "eager" reference loop, all with the contract
-`forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK) -> out_TD`.
+a model switch experts implementation). The decorator dispatches `forward` to "hf_moe_auto" (the families' default,
+`experts_auto.py`), transformers' "grouped_mm" and "batched_mm", or this file's "eager" reference loop, all with the
+contract `forward(hidden_states_TD, top_k_index_TK, top_k_weights_TK) -> out_TD`.
 
 Parameter names follow transformers: `gate_up_proj` (gated) or `up_proj`, `down_proj`, and `*_bias`.
 Weights are (E, out, in) like `nn.Linear`, or (E, in, out) when `is_transposed` (GPT-2's `Conv1D` layout).
@@ -165,4 +165,4 @@ class MoeExperts(nn.Module):
             out_ND[perm_N[:kept_slots]] = torch.cat(outputs).to(out_ND.dtype)
         weighted_ND = out_ND * top_k_weights.reshape(-1, 1).to(out_ND.dtype)
         # reshape + sum rather than index_add_: deterministic on GPU, like transformers' kernels
-        return weighted_ND.view(num_tokens, top_k, -1).sum(dim=1)
+        return weighted_ND.view(num_tokens, top_k, weighted_ND.shape[-1]).sum(dim=1)

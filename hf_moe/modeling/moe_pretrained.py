@@ -23,6 +23,7 @@ from ._compat import (
     quiet_unmergeable_full_gathers,
     set_fsdp_units,
 )
+from .experts_auto import AUTO_EXPERTS_IMPLEMENTATION
 from .moe_parts import moe_part_kind, moe_parts
 from .routing import Router, RouterDecision
 from .shared_blocks import share_experts_modules, shared_block_ties, tied_weights_patterns
@@ -75,6 +76,13 @@ class MoePreTrainedMixin(PrivateModelHooks):
         super().post_init()
         if self._records_outputs:
             install_output_recorders(self)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # the families' default is hf_moe's own implementation (`experts_auto.py`), not transformers' "grouped_mm";
+        # a requested one is checked by transformers, which knows ours through its experts interface
+        if requested_experts is None:
+            return AUTO_EXPERTS_IMPLEMENTATION
+        return super().get_correct_experts_implementation(requested_experts)
 
     def init_parallel_plans(self) -> None:
         super().init_parallel_plans()

@@ -86,6 +86,18 @@ def test_set_experts_implementation_of_copy_sets_the_config_copy():
     assert config._experts_implementation == "eager"
 
 
+def test_grouped_linear_multiplies_each_expert_s_rows_by_its_weight():
+    torch.manual_seed(0)
+    x_ND, weight_EIO, bias_NO = torch.randn(5, 4), torch.randn(2, 4, 8), torch.randn(5, 8)
+    offsets_E = torch.tensor([2, 5], dtype=torch.int32)
+    expected = torch.cat([x_ND[:2] @ weight_EIO[0], x_ND[2:] @ weight_EIO[1]]) + bias_NO
+    transposed = _compat.grouped_linear(x_ND, weight_EIO, offsets_E, bias_NO, transposed=True)
+    torch.testing.assert_close(transposed, expected)
+    # (E, out, in), like nn.Linear
+    untransposed = _compat.grouped_linear(x_ND, weight_EIO.transpose(1, 2).contiguous(), offsets_E, None, False)
+    torch.testing.assert_close(untransposed, expected - bias_NO)
+
+
 def test_update_parallel_plans_filters_both_plans():
     model = hf_moe.T5MoeForConditionalGeneration(
         hf_moe.T5MoeConfig(vocab_size=99, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, num_experts=4)

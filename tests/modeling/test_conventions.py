@@ -28,7 +28,7 @@ from hf_moe import (
     T5MoeForConditionalGeneration,
     T5MoeModel,
 )
-from hf_moe.modeling import moe_blocks, moe_experts
+from hf_moe.modeling import EXPERTS_IMPLEMENTATIONS, moe_blocks, moe_experts
 from tests.conftest import tiny_gpt2_moe_config
 from tests.modeling.test_t5_moe import tiny_config as tiny_t5_config
 
@@ -226,7 +226,7 @@ _T5_KEYS = ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads", "d_kv", 
 # --- fp32-kept modules, generation bases ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("implementation", EXPERTS_IMPLEMENTATIONS)
 def test_t5_keeps_expert_output_projections_in_float32_when_loaded_in_float16(implementation, tmp_path):
     tiny("t5").save_pretrained(tmp_path)
     model = AutoModelForSeq2SeqLM.from_pretrained(

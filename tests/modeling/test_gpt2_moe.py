@@ -18,7 +18,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 import hf_moe
 from hf_moe import GPT2MoeConfig, GPT2MoeForCausalLM, GPT2MoeForSequenceClassification, GPT2MoeModel
-from hf_moe.modeling import RoutingInputs, switch_balance_loss
+from hf_moe.modeling import AUTO_EXPERTS_IMPLEMENTATION, EXPERTS_IMPLEMENTATIONS, RoutingInputs, switch_balance_loss
 from tests.conftest import tiny_gpt2_moe_config, tiny_word_tokenizer
 
 
@@ -223,12 +223,12 @@ def test_set_experts_implementation_switches_kernels_with_equal_logits():
     model = tiny_model()
     input_ids = torch.randint(2, 99, (2, 9))
     logits = {}
-    for implementation in ("eager", "batched_mm", "grouped_mm"):
+    for implementation in EXPERTS_IMPLEMENTATIONS:
         model.set_experts_implementation(implementation)
         assert model.config._experts_implementation == implementation
         logits[implementation] = model(input_ids).logits
-    torch.testing.assert_close(logits["grouped_mm"], logits["eager"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits["batched_mm"], logits["eager"], rtol=1e-5, atol=1e-5)
+    for implementation in EXPERTS_IMPLEMENTATIONS:
+        torch.testing.assert_close(logits[implementation], logits["eager"], rtol=1e-5, atol=1e-5)
 
 
 def test_from_pretrained_accepts_experts_implementation(tmp_path):
@@ -358,6 +358,6 @@ def test_experts_implementation_is_settable_after_a_dense_gpt2_was_built():
     """transformers caches `_can_set_experts_implementation` on classes; a dense parent's False must not leak."""
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=99))
     model = tiny_model()
-    assert model.config._experts_implementation == "grouped_mm"
+    assert model.config._experts_implementation == AUTO_EXPERTS_IMPLEMENTATION
     model.set_experts_implementation("batched_mm")
     assert model.config._experts_implementation == "batched_mm"

@@ -75,7 +75,7 @@ def test_experts_implementation_reaches_every_pyramid_layer():
     ids = torch.randint(2, 99, (2, 7))
     with torch.no_grad():
         reference = model(ids).logits
-        for implementation in ("eager", "batched_mm"):
+        for implementation in ("eager", "batched_mm", "grouped_mm"):
             model.set_experts_implementation(implementation)
             assert all(b.experts.config._experts_implementation == implementation for _, b in moe_blocks(model))
             torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)

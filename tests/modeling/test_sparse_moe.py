@@ -6,15 +6,16 @@ import pytest
 import torch
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
+from hf_moe.modeling import AUTO_EXPERTS_IMPLEMENTATION, EXPERTS_IMPLEMENTATIONS
 from hf_moe.modeling.modeling_gpt2_moe import GPT2MoeExperts
 from hf_moe.modeling.routing import RoutingInputs
 from hf_moe.modeling.sparse_moe import SparseMoeBlock
 from tests.conftest import tiny_gpt2_moe_config
 
-IMPLEMENTATIONS = ["eager", "batched_mm", "grouped_mm"]
+IMPLEMENTATIONS = list(EXPERTS_IMPLEMENTATIONS)
 
 
-def make_block(implementation="grouped_mm", **overrides) -> SparseMoeBlock:
+def make_block(implementation=AUTO_EXPERTS_IMPLEMENTATION, **overrides) -> SparseMoeBlock:
     config = tiny_gpt2_moe_config(**overrides)
     config._experts_implementation = implementation
     block = SparseMoeBlock(config, GPT2MoeExperts(config))
@@ -90,7 +91,7 @@ def test_experts_implementations_agree_forward_and_backward():
         out = block(hidden)
         out.pow(2).sum().backward()
         results[implementation] = (out, hidden.grad, block.experts.up_proj.grad, block.router.weight.grad)
-    for implementation in ("batched_mm", "grouped_mm"):
+    for implementation in IMPLEMENTATIONS:
         for got, expected in zip(results[implementation], results["eager"], strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 

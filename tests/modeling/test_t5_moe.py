@@ -30,7 +30,15 @@ from hf_moe import (
     T5MoeModel,
     from_switch_transformers,
 )
-from hf_moe.modeling import NoisyTopKRouter, Router, SparseMoeBlock, T5MoeExperts, T5MoeGatedExperts
+from hf_moe.modeling import (
+    AUTO_EXPERTS_IMPLEMENTATION,
+    EXPERTS_IMPLEMENTATIONS,
+    NoisyTopKRouter,
+    Router,
+    SparseMoeBlock,
+    T5MoeExperts,
+    T5MoeGatedExperts,
+)
 from tests.conftest import tiny_word_tokenizer
 
 FEED_FORWARD_KINDS = ["relu", "gated-gelu"]  # T5 v1.0, T5 v1.1 / Flan-T5
@@ -281,10 +289,10 @@ def test_experts_implementations_agree_in_forward_and_gradients(feed_forward_pro
     # T5's factor-1 init (embeddings with std 1) saturates the first attention's softmax, which amplifies float
     # reordering in the gradients to ~3e-4 relative; a smaller factor keeps the comparison at ~1e-6
     model = tiny_model(feed_forward_proj=feed_forward_proj, initializer_factor=0.3)
-    assert model.config._experts_implementation == "grouped_mm"
+    assert model.config._experts_implementation == AUTO_EXPERTS_IMPLEMENTATION
     batch = random_batch()
     results = {}
-    for implementation in ("eager", "batched_mm", "grouped_mm"):
+    for implementation in EXPERTS_IMPLEMENTATIONS:
         model.set_experts_implementation(implementation)
         # the stacks hold copies of the config; every experts module must follow
         assert {m.config._experts_implementation for m in model.modules() if isinstance(m, EXPERTS_CLASSES)} == {
@@ -295,7 +303,7 @@ def test_experts_implementations_agree_in_forward_and_gradients(feed_forward_pro
         out.loss.backward()
         results[implementation] = (out.logits, {n: p.grad.clone() for n, p in model.named_parameters()})
     logits, grads = results["eager"]
-    for implementation in ("batched_mm", "grouped_mm"):
+    for implementation in EXPERTS_IMPLEMENTATIONS:
         torch.testing.assert_close(results[implementation][0], logits, atol=1e-5, rtol=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(results[implementation][1][name], grad, atol=1e-5, rtol=1e-4)
@@ -312,10 +320,10 @@ def test_experts_kernels_do_not_depend_on_a_dense_t5_being_built_first(monkeypat
     T5ForConditionalGeneration(T5Config(**T5_FIELDS))
     assert T5ForConditionalGeneration.__dict__[cache] is False
     model = tiny_model()
-    assert model.config._experts_implementation == "grouped_mm"
+    assert model.config._experts_implementation == AUTO_EXPERTS_IMPLEMENTATION
     model.set_experts_implementation("eager")
     assert model.config._experts_implementation == model.encoder.config._experts_implementation == "eager"
-    assert T5MoeModel(tiny_config()).config._experts_implementation == "grouped_mm"
+    assert T5MoeModel(tiny_config()).config._experts_implementation == AUTO_EXPERTS_IMPLEMENTATION
 
 
 # --- save / load ----------------------------------------------------------------------------------------------------
