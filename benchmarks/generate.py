@@ -28,14 +28,22 @@ calls after a warm-up call.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from bench_env import environment, in_subprocess, write_atomically
+from bench_env import (
+    WholeModelSettings,
+    build_gpt2_variant,
+    environment,
+    finish,
+    markdown_table,
+    round_robin,
+    run_worker,
+    settings_from,
+    synchronize,
+    whole_model_parser,
+)
 
 from hf_moe.modeling import EXPERTS_IMPLEMENTATIONS
 
@@ -46,21 +54,12 @@ CALLS = 3  # timed generate calls per batch size in one worker
 
 
 @dataclass
-class Settings:
-    n_layer: int = 2
-    n_embd: int = 768
-    n_head: int = 12
-    ffn: int = 3072  # F
-    num_experts: int = 8  # E
-    top_k: int = 2  # K
-    vocab_size: int = 50257
+class Settings(WholeModelSettings):
     prompt_tokens: int = 32
     new_tokens: int = 64
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     implementations: list[str] = field(default_factory=lambda: list(IMPLEMENTATIONS))
     repeats: int = 5
-    device: str = "cpu"
-    threads: int | None = None  # torch threads in each worker (None: torch's default)
     # a static KV cache and `torch.compile(model.forward, fullgraph=True)` (transformers' recipe for fast decoding);
     # the warm-up call of each batch size compiles, so the timed calls run the compiled graphs
     compile: bool = False
@@ -70,37 +69,19 @@ QUICK = dict(n_layer=2, n_embd=64, n_head=4, ffn=128, num_experts=4, vocab_size=
              repeats=1)  # fmt: skip
 
 
-def variants(settings: Settings) -> list[str]:
-    return ["dense", "dense K*F", *(f"moe {implementation}" for implementation in settings.implementations)]
-
-
 def build(variant: str, settings: Settings):
     """The variant's model, in eval mode on the settings' device, seeded."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hf_moe import GPT2MoeConfig, GPT2MoeForCausalLM
-
-    torch.manual_seed(0)
     shape = dict(
         n_layer=settings.n_layer, n_embd=settings.n_embd, n_head=settings.n_head, vocab_size=settings.vocab_size,
         n_positions=settings.prompt_tokens + settings.new_tokens, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
-    if variant == "dense":
-        model = GPT2LMHeadModel(GPT2Config(n_inner=settings.ffn, **shape))
-    elif variant == "dense K*F":
-        model = GPT2LMHeadModel(GPT2Config(n_inner=settings.top_k * settings.ffn, **shape))
-    else:
-        config = GPT2MoeConfig(
-            n_inner=settings.ffn, num_experts=settings.num_experts, num_experts_per_tok=settings.top_k, **shape
-        )
-        model = GPT2MoeForCausalLM(config)
-        model.set_experts_implementation(variant.removeprefix("moe "))
+    model = build_gpt2_variant(variant, settings, **shape).eval()
     # no end-of-sequence token: every variant decodes all its tokens, whatever its random weights predict (not
     # `min_new_tokens`, whose processor scans the vocabulary at every step and would dominate small models' time)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    model = model.to(settings.device).eval()
     if settings.compile:
         model.generation_config.cache_implementation = "static"
         # CUDA graphs ("reduce-overhead") on a GPU; on CPU the default mode
@@ -121,7 +102,7 @@ def measure(variant: str, settings: Settings) -> dict:
             self.times = []
 
         def __call__(self, input_ids, scores):
-            _synchronize(settings.device)
+            synchronize(settings.device)
             self.times.append(time.perf_counter())
             return scores
 
@@ -134,7 +115,7 @@ def measure(variant: str, settings: Settings) -> dict:
         prefills, decodes = [], []
         for call in range(CALLS + 1):  # call 0 warms up the allocator, kernels and generation config
             clock = Clock()
-            _synchronize(settings.device)
+            synchronize(settings.device)
             start = time.perf_counter()
             with torch.inference_mode():
                 model.generate(
@@ -151,21 +132,10 @@ def measure(variant: str, settings: Settings) -> dict:
     return result
 
 
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run(settings: Settings, log=print) -> dict:
     """Round-robin over the variants, one subprocess per measurement; medians and ratios to `dense K*F`."""
-    names = variants(settings)
-    samples: dict[str, list[dict]] = {name: [] for name in names}
-    for repeat in range(settings.repeats):
-        for name in names:
-            samples[name].append(in_subprocess(__file__, {"variant": name, "settings": asdict(settings)}))
-        log(f"repeat {repeat + 1}/{settings.repeats} done")
+    samples = round_robin(__file__, settings, log)
+    names = list(samples)
     rows = []
     for batch in map(str, settings.batch_sizes):
         reference = statistics.median(s[batch]["decode_tokens_per_s"] for s in samples["dense K*F"])
@@ -180,47 +150,31 @@ def run(settings: Settings, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [
-        "| variant | batch | decode tokens/s | vs dense K*F | prefill ms |",
-        "|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['variant']} | {row['batch']} | {row['decode_tokens_per_s']:.1f} | "
-            f"{row['vs_dense_equal_active']:.2f}x | {row['prefill_ms']:.1f} |"
-        )
-    return "\n".join(lines)
+    header = ["variant", "batch", "decode tokens/s", "vs dense K*F", "prefill ms"]
+    return markdown_table(
+        header,
+        [
+            [row["variant"], str(row["batch"]), f"{row['decode_tokens_per_s']:.1f}",
+             f"{row['vs_dense_equal_active']:.2f}x", f"{row['prefill_ms']:.1f}"]
+            for row in result["rows"]
+        ],
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: every code path in seconds")
-    parser.add_argument("--repeats", type=int, default=None, help="measurements per variant (default: 5)")
+    parser = whole_model_parser(__doc__.split("\n\n")[0], "outputs/generate.json", 5, str(list(IMPLEMENTATIONS)))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8")
-    parser.add_argument("--implementations", nargs="+", default=None, help=f"default: {list(IMPLEMENTATIONS)}")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument(
         "--compile", action="store_true", help="static KV cache + torch.compile(model.forward, fullgraph=True)"
     )
-    parser.add_argument("--json", default="outputs/generate.json", help="where to save the results")
     args = parser.parse_args(argv)
-    if args.worker:
-        request = json.loads(args.worker)
-        print(json.dumps(measure(request["variant"], Settings(**request["settings"]))))
+    if run_worker(args, measure, Settings):
         return None
-    settings = Settings(
-        **(QUICK if args.quick else {}), device=args.device, threads=args.threads, compile=args.compile
-    )
-    for name in ("repeats", "batch_sizes", "implementations"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    settings = settings_from(args, parser, Settings, QUICK, compile=args.compile)
+    if args.batch_sizes is not None:
+        settings.batch_sizes = args.batch_sizes
     result = run(settings)
-    print(table(result))
-    print(json.dumps(result["environment"]))
-    write_atomically(Path(args.json), json.dumps(result, indent=2))
-    return result
+    return finish(result, table(result), args.json)
 
 
 if __name__ == "__main__":

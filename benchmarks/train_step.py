@@ -29,14 +29,24 @@ projection at the default shapes.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from bench_env import environment, in_subprocess, peak_resident_mib, restart_peak_resident, write_atomically
+from bench_env import (
+    WholeModelSettings,
+    build_gpt2_variant,
+    environment,
+    finish,
+    markdown_table,
+    peak_resident_mib,
+    restart_peak_resident,
+    round_robin,
+    run_worker,
+    settings_from,
+    synchronize,
+    whole_model_parser,
+)
 
 from hf_moe.modeling import EXPERTS_IMPLEMENTATIONS
 
@@ -46,54 +56,25 @@ STEPS = 5  # timed steps per worker, after one warm-up step
 
 
 @dataclass
-class Settings:
-    n_layer: int = 2
-    n_embd: int = 768
-    n_head: int = 12
-    ffn: int = 3072  # F
-    num_experts: int = 8  # E
-    top_k: int = 2  # K
-    vocab_size: int = 50257
+class Settings(WholeModelSettings):
     batch: int = 8
     sequence: int = 128
     implementations: list[str] = field(
         default_factory=lambda: [name for name in EXPERTS_IMPLEMENTATIONS if name != "batched_mm"]
     )
     repeats: int = 3
-    device: str = "cpu"
-    threads: int | None = None  # torch threads in each worker (None: torch's default)
 
 
 QUICK = dict(n_layer=2, n_embd=64, n_head=4, ffn=128, num_experts=4, vocab_size=512, batch=2, sequence=16, repeats=1)
 
 
-def variants(settings: Settings) -> list[str]:
-    return ["dense", "dense K*F", *(f"moe {implementation}" for implementation in settings.implementations)]
-
-
 def build(variant: str, settings: Settings):
     """The variant's model, in training mode on the settings' device, seeded."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from hf_moe import GPT2MoeConfig, GPT2MoeForCausalLM
-
-    torch.manual_seed(0)
     shape = dict(
         n_layer=settings.n_layer, n_embd=settings.n_embd, n_head=settings.n_head, vocab_size=settings.vocab_size,
         n_positions=settings.sequence, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
-    if variant == "dense":
-        model = GPT2LMHeadModel(GPT2Config(n_inner=settings.ffn, **shape))
-    elif variant == "dense K*F":
-        model = GPT2LMHeadModel(GPT2Config(n_inner=settings.top_k * settings.ffn, **shape))
-    else:
-        config = GPT2MoeConfig(
-            n_inner=settings.ffn, num_experts=settings.num_experts, num_experts_per_tok=settings.top_k, **shape
-        )
-        model = GPT2MoeForCausalLM(config)
-        model.set_experts_implementation(variant.removeprefix("moe "))
-    return model.to(settings.device).train()
+    return build_gpt2_variant(variant, settings, **shape).train()
 
 
 def measure(variant: str, settings: Settings) -> dict:
@@ -117,12 +98,12 @@ def measure(variant: str, settings: Settings) -> dict:
         restart_peak_resident()
     times = []
     for input_ids in batches:
-        _synchronize(settings.device)
+        synchronize(settings.device)
         start = time.perf_counter()
         model(input_ids, labels=input_ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _synchronize(settings.device)
+        synchronize(settings.device)
         times.append(time.perf_counter() - start)
     if settings.device.startswith("cuda"):
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
@@ -131,21 +112,10 @@ def measure(variant: str, settings: Settings) -> dict:
     return {"step_s": statistics.median(times[1:]), "peak_mib": peak_mib}
 
 
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run(settings: Settings, log=print) -> dict:
     """Round-robin over the variants, one subprocess per measurement; medians and ratios to `dense K*F`."""
-    names = variants(settings)
-    samples: dict[str, list[dict]] = {name: [] for name in names}
-    for repeat in range(settings.repeats):
-        for name in names:
-            samples[name].append(in_subprocess(__file__, {"variant": name, "settings": asdict(settings)}))
-        log(f"repeat {repeat + 1}/{settings.repeats} done")
+    samples = round_robin(__file__, settings, log)
+    names = list(samples)
     tokens = settings.batch * settings.sequence
     medians = {
         name: {key: statistics.median(sample[key] for sample in samples[name]) for key in ("step_s", "peak_mib")}
@@ -167,44 +137,25 @@ def run(settings: Settings, log=print) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [
-        "| variant | tokens/s | vs dense K*F | step ms | peak MiB | memory vs dense K*F |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['variant']} | {row['tokens_per_s']:.0f} | {row['vs_dense_equal_active']:.2f}x | "
-            f"{row['step_ms']:.0f} | {row['peak_mib']:.0f} | {row['memory_vs_dense_equal_active']:.2f}x |"
-        )
-    return "\n".join(lines)
+    header = ["variant", "tokens/s", "vs dense K*F", "step ms", "peak MiB", "memory vs dense K*F"]
+    return markdown_table(
+        header,
+        [
+            [row["variant"], f"{row['tokens_per_s']:.0f}", f"{row['vs_dense_equal_active']:.2f}x",
+             f"{row['step_ms']:.0f}", f"{row['peak_mib']:.0f}", f"{row['memory_vs_dense_equal_active']:.2f}x"]
+            for row in result["rows"]
+        ],
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: every code path in seconds")
-    parser.add_argument("--repeats", type=int, default=None, help="measurements per variant (default: 3)")
-    parser.add_argument("--implementations", nargs="+", default=None, help="default: all but batched_mm")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
-    parser.add_argument("--json", default="outputs/train_step.json", help="where to save the results")
+    parser = whole_model_parser(__doc__.split("\n\n")[0], "outputs/train_step.json", 3, "all but batched_mm")
     args = parser.parse_args(argv)
-    if args.worker:
-        request = json.loads(args.worker)
-        print(json.dumps(measure(request["variant"], Settings(**request["settings"]))))
+    if run_worker(args, measure, Settings):
         return None
-    settings = Settings(**(QUICK if args.quick else {}), device=args.device, threads=args.threads)
-    for name in ("repeats", "implementations"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-    unknown = sorted(set(settings.implementations) - set(EXPERTS_IMPLEMENTATIONS))
-    if unknown:
-        parser.error(f"--implementations: unknown {unknown}; choose from {list(EXPERTS_IMPLEMENTATIONS)}")
+    settings = settings_from(args, parser, Settings, QUICK)
     result = run(settings)
-    print(table(result))
-    print(json.dumps(result["environment"]))
-    write_atomically(Path(args.json), json.dumps(result, indent=2))
-    return result
+    return finish(result, table(result), args.json)
 
 
 if __name__ == "__main__":
