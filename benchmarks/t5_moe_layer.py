@@ -8,8 +8,8 @@ Every row is one case, top-1 routing with capacity; the same seeded input `x_BSD
 - `switch`: transformers' `SwitchTransformersSparseMLP` (one-hot dispatch mask, a Python loop over the experts hit),
             `expert_capacity` = ceil(capacity_factor * S / E) slots per expert and per sequence;
 - `ours`:   hf_moe's `SparseMoeBlock(config, T5MoeExperts(config))` with the same router and expert weights, once
-            per experts implementation (`grouped_mm`, the default, and `eager`), with Switch's capacity: the same
-            `expert_capacity` per expert and per sequence (`capacity_scope="sequence"`), so both drop the same tokens.
+            per experts implementation (`hf_moe_auto`, the default, `grouped_mm` and `eager`), with Switch's
+            capacity: the same `expert_capacity` per expert and per sequence (`capacity_scope="sequence"`), so both drop the same tokens.
 
 Ratios are of the fastest of the timed steps, measured side by side in one run (round-robin, so drift hits every
 layer alike).
@@ -33,7 +33,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 from transformers.models.t5.modeling_t5 import T5DenseActDense
 
 from hf_moe import SparseMoeBlock, T5MoeConfig
-from hf_moe.modeling import T5MoeExperts
+from hf_moe.modeling import AUTO_EXPERTS_IMPLEMENTATION, T5MoeExperts
 
 ROUTER_INIT_STD = 0.02  # T5MoeConfig's default router_init_std: routing starts near uniform, as when training starts
 
@@ -90,7 +90,7 @@ def build_layers(case: Case) -> dict[str, nn.Module]:
         expert.wo.weight.normal_(0.0, case.d_ff**-0.5)
 
     layers: dict[str, nn.Module] = {"switch": switch}
-    for implementation in ("grouped_mm", "eager"):
+    for implementation in (AUTO_EXPERTS_IMPLEMENTATION, "grouped_mm", "eager"):
         config = T5MoeConfig(
             d_model=case.d_model,
             d_ff=case.d_ff,
@@ -140,7 +140,7 @@ def time_round_robin(
 @torch.no_grad()
 def dropped_share(layers: dict[str, nn.Module], x_BSD: torch.Tensor) -> tuple[float, float]:
     """Share of tokens dropped by capacity: (ours, switch) on the same input."""
-    ours = layers["ours grouped_mm"]
+    ours = layers[f"ours {AUTO_EXPERTS_IMPLEMENTATION}"]
     ours.reset_counters()
     ours(x_BSD)
     ours_share = (ours.dropped_tokens_per_expert.sum() / ours.routed_tokens_per_expert.sum()).item()
@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         f", {torch.get_num_threads()} threads; fp32 forward + backward, top-1, capacity factor 1.25, fastest of the steps in ms\n"
     )
     print(
-        "| case | capacity / expert / seq | dropped ours / Switch | dense | Switch | ours grouped_mm | ours eager "
+        "| case | capacity / expert / seq | dropped ours / Switch | dense | Switch | ours hf_moe_auto | ours grouped_mm "
+        "| ours eager "
         "| ours / Switch | ours / dense | Switch / dense |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for case, repeats in cases:
         torch.manual_seed(0)
         layers = build_layers(case)
@@ -183,10 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         grad_BSD = torch.randn_like(x_BSD)
         ms = time_round_robin(layers, x_BSD, grad_BSD, repeats)
         ours_dropped, switch_dropped = dropped_share(layers, x_BSD.detach())
-        ours = ms["ours grouped_mm"]
+        ours = ms[f"ours {AUTO_EXPERTS_IMPLEMENTATION}"]
         print(
             f"| {case.name} | {case.switch_capacity} | {ours_dropped:.1%} / {switch_dropped:.1%} | {ms['dense']:.2f} "
-            f"| {ms['switch']:.2f} | {ours:.2f} | {ms['ours eager']:.2f} | {ours / ms['switch']:.2f}x "
+            f"| {ms['switch']:.2f} | {ours:.2f} | {ms['ours grouped_mm']:.2f} | {ms['ours eager']:.2f} "
+            f"| {ours / ms['switch']:.2f}x "
             f"| {ours / ms['dense']:.2f}x | {ms['switch'] / ms['dense']:.2f}x |",
             flush=True,
         )

@@ -17,9 +17,10 @@ Why not transformers' "grouped_mm" as it is: its gather (`hidden[perm]`) and un-
 advanced indexing, whose backward is an accumulating `index_put_` that cost 15% of a small-shape training step on
 CPU; `index_select` / `index_copy` have a gather or a scatter of rows as backward instead (the block's step at T 256,
 D 64, E 8, K 2 took 20-34% less time in our runs). Why the padded path: on CPU `torch._grouped_mm` runs one matmul per expert in forward and two in
-backward, so with many experts and few rows each (E 32, 8 rows per expert) most of the step is per-call overhead;
-one bmm over (E, C, D) does the same work in one call, at the price of the padding rows. It is taken only where that
-price is bounded and a host sync is free (CPU, see `use_padded_batches`); CUDA keeps the grouped kernel.
+backward, and with a few rows per expert of a large layer (decoding a batch of tokens, 2-16 rows per expert at
+D 768 / F 3072) one bmm over (E, C, D) ran faster than those calls, at the price of the padding rows. It is taken
+only where that price is bounded, the layer is large and a host sync is free (CPU, see `use_padded_batches`); CUDA
+keeps the grouped kernel. At small layers (D 64) it was never faster, so they stay grouped.
 
 Hub portability: this file travels with every saved checkpoint; only torch / transformers and single-dot siblings.
 """
@@ -35,11 +36,15 @@ __all__ = ["AUTO_EXPERTS_IMPLEMENTATION", "EXPERTS_IMPLEMENTATIONS", "auto_exper
 AUTO_EXPERTS_IMPLEMENTATION = "hf_moe_auto"
 # every implementation the families run, the default first: ours, then transformers' three
 EXPERTS_IMPLEMENTATIONS = (AUTO_EXPERTS_IMPLEMENTATION, "grouped_mm", "eager", "batched_mm")
-# The padded path runs every expert on C rows. It is taken while all three hold (measured on the 2-core CPU, fwd+bwd
-# at D 64 / F 256 and D 768 / F 3072, and forward-only decoding at D 768 / F 3072; README "Experts implementations"):
-# - an expert's average matmul (rows x D x F multiply-adds) is at most this big: above it the grouped GEMM's calls run
-#   at full speed, while the padding costs real FLOPs (padded was faster at 4M and 38M, slower at 151M);
-MAX_MULTIPLY_ADDS_PER_EXPERT_FOR_PADDING = 2**26
+# The padded path runs every expert on C rows. It is taken while all four hold (measured on the 2-core CPU: the
+# experts' forward + backward at D 64 / F 256 and D 768 / F 3072, forward-only decoding at D 768 / F 3072, and the
+# whole block at the small shapes of `benchmarks/moe_layer.py --quick`; README "Experts implementations"):
+# - the experts average at most this many rows (at D 768 padded took 0.79-0.81x the grouped time at 2-16 rows,
+#   1.11x at 64, and 0.72-0.75x when decoding 8-16 tokens);
+MAX_ROWS_PER_EXPERT_FOR_PADDING = 16
+# - a row costs at least this many multiply-adds (D x F): at D 64 / F 256 the padded block was never faster
+#   (0.93-1.09x the grouped block on evenly loaded rows, 1.33-1.37x at 32 experts);
+MIN_MULTIPLY_ADDS_PER_ROW_FOR_PADDING = 2**20
 # - the padding adds at most this factor of rows (E * C <= factor * N): skewed loads stay grouped;
 MAX_PADDING_FACTOR = 2.0
 # - at least this share of the experts has rows: the padded path reads every expert's weights, the grouped one only
@@ -53,7 +58,8 @@ def use_padded_batches(
     """Whether `num_slots` rows, at most `most_rows` for one of `num_experts` experts and at least one for
     `experts_with_rows` of them, each row costing `multiply_adds_per_row` (D x F), go through the padded path."""
     return (
-        num_slots * multiply_adds_per_row <= MAX_MULTIPLY_ADDS_PER_EXPERT_FOR_PADDING * num_experts
+        num_slots <= MAX_ROWS_PER_EXPERT_FOR_PADDING * num_experts
+        and multiply_adds_per_row >= MIN_MULTIPLY_ADDS_PER_ROW_FOR_PADDING
         and num_experts * most_rows <= MAX_PADDING_FACTOR * num_slots
         and experts_with_rows >= MIN_SHARE_OF_EXPERTS_WITH_ROWS * num_experts
     )
