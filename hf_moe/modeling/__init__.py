@@ -45,8 +45,8 @@ from .sparse_moe import RouterLosses, RouterLossValues, SparseMoeBlock
 
 __all__ = [
     "AUTO_EXPERTS_IMPLEMENTATION",
-    "EXPERTS_IMPLEMENTATIONS",
     "BALANCE_LOSSES",
+    "EXPERTS_IMPLEMENTATIONS",
     "ROUTERS",
     "BaseLayerRouter",
     "Capacity",
