@@ -25,7 +25,8 @@ def test_moe_layer_benchmark_quick_mode_runs(tmp_path, capsys):
         assert row["ours_over_dense"] > 0 and row["switch_over_ours"] > 0
         # the kernels agree on the warmup outputs (and Switch, at top-1 dropless, computes the same function)
         assert all(diff < 1e-4 for diff in row["max_abs_diff_vs_ours"].values())
-    assert "| small E8 k1 |" in capsys.readouterr().out
+    # a row's name gains " (machine N% busy)" when other processes used the CPUs meanwhile
+    assert "| small E8 k1" in capsys.readouterr().out
     assert json_path.exists()
 
 
