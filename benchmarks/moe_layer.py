@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import transformers
-from bench_env import peak_resident_mib, resident_mib, restart_peak_resident
+from bench_env import in_subprocess, peak_resident_mib, resident_mib, restart_peak_resident
 from torch import nn
 from transformers import GPT2Config, SwitchTransformersConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
@@ -346,20 +345,14 @@ def time_sample(step: Callable[[], torch.Tensor], inner: int) -> float:
 
 def peak_step_memory_mib(case: Case, label: str, seed: int) -> float:
     """Peak resident memory of one step of variant `label` of `case`, above the memory held when the step started
-    (gradients included), measured in a fresh subprocess (`--memory-worker`) so no other variant's memory counts.
+    (gradients included), measured in a fresh subprocess (`--worker`) so no other variant's memory counts.
 
     The worker builds only that variant and its inputs, reads its resident set size, runs one step and reads the
-    peak resident set size of that step (`bench_env.peak_resident_mib`); the difference is the step's peak. It includes what MKL / oneDNN and the
-    allocator hold for themselves, which a tensor count would miss. (torch's memory profiler ran out of 24 GiB at
-    E=64: it records every allocation.)
+    peak resident set size of that step (`bench_env.peak_resident_mib`); the difference is the step's peak. It
+    includes what MKL / oneDNN and the allocator hold for themselves, which a tensor count would miss. (torch's
+    memory profiler ran out of 24 GiB at E=64: it records every allocation.)
     """
-    request = json.dumps({"case": asdict(case), "label": label, "seed": seed})
-    completed = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", request], capture_output=True, text=True, check=False
-    )
-    if completed.returncode:
-        raise RuntimeError(f"the memory worker for {case.name!r} / {label} failed:\n{completed.stderr[-3000:]}")
-    return float(completed.stdout.strip().splitlines()[-1])
+    return in_subprocess(__file__, {"case": asdict(case), "label": label, "seed": seed})["peak_mib"]
 
 
 def _memory_worker(request: dict) -> float:
@@ -633,7 +626,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the peak-memory pass (one subprocess per variant and case)"
     )
-    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument(
         "--malloc",
         choices=("keep", "system"),
@@ -659,8 +652,8 @@ QUICK_DEFAULTS = (5, 2, 0.02)  # --quick: the same cases, shorter samples (under
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark; prints the table and returns the result rows (one dict per case)."""
     args = parse_args(argv)
-    if args.memory_worker:
-        print(_memory_worker(json.loads(args.memory_worker)))
+    if args.worker:  # one variant's peak memory, for `peak_step_memory_mib`
+        print(json.dumps({"peak_mib": _memory_worker(json.loads(args.worker))}))
         return []
     if args.threads is not None:
         torch.set_num_threads(args.threads)
