@@ -14,8 +14,8 @@ slots sorted by expert (one sort)  ->  x_ND gathered in that order (index_select
 weights applied, slots put back in token order (index_copy), summed over K
 ```
 Why not transformers' "grouped_mm" as it is: its gather (`hidden[perm]`) and un-permute (`out[inverse_perm]`) are
-advanced indexing, whose backward is an accumulating `index_put_` that cost 15% of a small-shape training step on
-CPU; `index_select` / `index_copy` have a gather or a scatter of rows as backward instead (the block's step at T 256,
+advanced indexing, whose backward is an accumulating `index_put_` that cost about 15% of a small-shape training step
+on CPU; `index_select` / `index_copy` have a scatter-add or a gather of rows as backward instead (the block's step at T 256,
 D 64, E 8, K 2 took 20-34% less time in our runs). Why the padded path: on CPU `torch._grouped_mm` runs one matmul per expert in forward and two in
 backward, and with a few rows per expert of a large layer (decoding a batch of tokens, 2-16 rows per expert at
 D 768 / F 3072) one bmm over (E, C, D) ran faster than those calls, at the price of the padding rows. It is taken
@@ -120,7 +120,7 @@ def _padded(experts, x_ND: torch.Tensor, expert_N: torch.Tensor, rows_per_expert
     first_row_E = torch.cumsum(rows_per_expert_E, dim=0) - rows_per_expert_E
     position_N = torch.arange(num_slots, device=x_ND.device) - first_row_E[expert_N]
     padded_row_N = expert_N * most_rows + position_N
-    # index_copy / index_select: each other's backward, both plain row copies
+    # index_copy / index_select: their backwards are a row gather and a row scatter-add (rows are unique here)
     x_ECD = x_ND.new_zeros(num_experts * most_rows, x_ND.shape[-1]).index_copy(0, padded_row_N, x_ND)
     x_ECD = x_ECD.view(num_experts, most_rows, x_ND.shape[-1])
     up_weight, up_bias = _up_weights(experts)
