@@ -31,7 +31,13 @@ import torch
 
 from ._compat import grouped_linear, register_experts_function
 
-__all__ = ["AUTO_EXPERTS_IMPLEMENTATION", "EXPERTS_IMPLEMENTATIONS", "auto_experts_forward", "use_padded_batches"]
+__all__ = [
+    "AUTO_EXPERTS_IMPLEMENTATION",
+    "EXPERTS_IMPLEMENTATIONS",
+    "auto_experts_forward",
+    "padding_may_pay",
+    "use_padded_batches",
+]
 
 AUTO_EXPERTS_IMPLEMENTATION = "hf_moe_auto"
 # every implementation the families run, the default first: ours, then transformers' three
@@ -52,14 +58,22 @@ MAX_PADDING_FACTOR = 2.0
 MIN_SHARE_OF_EXPERTS_WITH_ROWS = 0.75
 
 
+def padding_may_pay(num_slots: int, num_experts: int, multiply_adds_per_row: int) -> bool:
+    """The conditions of `use_padded_batches` known before the rows are counted: checked first, so that layers which
+    can never take the padded path (small layers, training batches) pay no count and no host read."""
+    return (
+        num_slots <= MAX_ROWS_PER_EXPERT_FOR_PADDING * num_experts
+        and multiply_adds_per_row >= MIN_MULTIPLY_ADDS_PER_ROW_FOR_PADDING
+    )
+
+
 def use_padded_batches(
     num_slots: int, num_experts: int, most_rows: int, experts_with_rows: int, multiply_adds_per_row: int
 ) -> bool:
     """Whether `num_slots` rows, at most `most_rows` for one of `num_experts` experts and at least one for
     `experts_with_rows` of them, each row costing `multiply_adds_per_row` (D x F), go through the padded path."""
     return (
-        num_slots <= MAX_ROWS_PER_EXPERT_FOR_PADDING * num_experts
-        and multiply_adds_per_row >= MIN_MULTIPLY_ADDS_PER_ROW_FOR_PADDING
+        padding_may_pay(num_slots, num_experts, multiply_adds_per_row)
         and num_experts * most_rows <= MAX_PADDING_FACTOR * num_slots
         and experts_with_rows >= MIN_SHARE_OF_EXPERTS_WITH_ROWS * num_experts
     )
@@ -81,13 +95,15 @@ def _activate(experts, hidden: torch.Tensor) -> torch.Tensor:
     return experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
 
 
-def _grouped(experts, x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
-    """Rows sorted by expert through the grouped GEMM; rows of ids >= E (expert-parallel sentinels) come out 0."""
+def _grouped(experts, x_ND: torch.Tensor, expert_N: torch.Tensor, rows_per_expert_E=None) -> torch.Tensor:
+    """Rows sorted by expert through the grouped GEMM; rows of ids >= E (expert-parallel sentinels) come out 0.
+    `rows_per_expert_E`: the rows' counts where the caller has them already (without sentinels)."""
     num_experts = experts.num_experts
-    # histc, not bincount: no host sync and capturable in CUDA graphs (CPU's histc takes floats only); ids >= E fall
-    # outside its range, so the offsets end before the sentinel tail, which the kernel leaves unwritten
-    counts_input = expert_N.float() if expert_N.device.type in ("cpu", "mps") else expert_N.int()
-    rows_per_expert_E = torch.histc(counts_input, bins=num_experts, min=0, max=num_experts - 1)
+    if rows_per_expert_E is None:
+        # histc, not bincount: no host sync and capturable in CUDA graphs (CPU's histc takes floats only); ids >= E
+        # fall outside its range, so the offsets end before the sentinel tail, which the kernel leaves unwritten
+        counts_input = expert_N.float() if expert_N.device.type in ("cpu", "mps") else expert_N.int()
+        rows_per_expert_E = torch.histc(counts_input, bins=num_experts, min=0, max=num_experts - 1)
     offsets_E = torch.cumsum(rows_per_expert_E, dim=0, dtype=torch.int32)
     sentinel_N1 = None
     if experts._is_expert_parallel:
@@ -139,23 +155,26 @@ def auto_experts_forward(
     expert_N, slot_N = torch.sort(top_k_index.reshape(-1))
     x_ND = hidden_states.index_select(0, slot_N // top_k)
     weight_N1 = top_k_weights.reshape(-1).index_select(0, slot_N).unsqueeze(-1)
-    out_ND = None
+    out_ND, rows_per_expert_E = None, None
     # the padded path reads C back to the host: only where that costs nothing (CPU) and can be traced (eager), or
     # where torch's grouped GEMM cannot take the rows; expert-parallel sentinels stay on the grouped path (it skips
     # them; expert parallelism shards whole experts, so alignment is as without it)
     if not self._is_expert_parallel and not torch.compiler.is_compiling():
         grouped_ok = _grouped_gemm_aligned(self, x_ND)
-        if hidden_states.device.type == "cpu" or not grouped_ok:
+        multiply_adds_per_row = self.hidden_dim * self.intermediate_dim
+        on_cpu_and_may_pay = hidden_states.device.type == "cpu" and padding_may_pay(
+            expert_N.numel(), self.num_experts, multiply_adds_per_row
+        )
+        if on_cpu_and_may_pay or not grouped_ok:
             rows_per_expert_E = torch.bincount(expert_N, minlength=self.num_experts)
             most_rows, experts_with_rows = torch.stack([rows_per_expert_E.max(), rows_per_expert_E.count_nonzero()])
             most_rows, experts_with_rows = most_rows.tolist(), experts_with_rows.tolist()  # the one host sync
-            multiply_adds_per_row = self.hidden_dim * self.intermediate_dim
             if not grouped_ok or use_padded_batches(
                 expert_N.numel(), self.num_experts, most_rows, experts_with_rows, multiply_adds_per_row
             ):
                 out_ND = _padded(self, x_ND, expert_N, rows_per_expert_E, most_rows)
     if out_ND is None:
-        out_ND = _grouped(self, x_ND, expert_N)
+        out_ND = _grouped(self, x_ND, expert_N, rows_per_expert_E)
     weighted_ND = out_ND * weight_N1.to(out_ND.dtype)
     in_token_order_ND = torch.zeros_like(weighted_ND).index_copy(0, slot_N, weighted_ND)
     # reshape + sum rather than index_add_: deterministic on GPU, like transformers' kernels

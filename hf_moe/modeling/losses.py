@@ -67,21 +67,30 @@ def switch_load_balancing_loss(
     """
     num_tokens, num_experts = probs_TE.shape
     top_k = top_k_index_TK.shape[-1]
-    weights_T = _token_weights(num_tokens, token_mask_T, probs_TE.device)
-    num_valid = weights_T.sum().clamp_min(1.0)
+    # without a padding mask every token weighs 1: the weighted sums are plain ones (fewer ops, in every forward)
+    weights_T = None if token_mask_T is None else _token_weights(num_tokens, token_mask_T, probs_TE.device)
+    num_valid = max(num_tokens, 1) if weights_T is None else weights_T.sum().clamp_min(1.0)
     if fraction_E is None:
         assignments_E = _assignments_per_expert(top_k_index_TK, weights_T, num_experts)
         fraction_E = assignments_E / (num_valid * top_k)
-    mean_prob_E = (probs_TE.float() * weights_T.unsqueeze(-1)).sum(dim=0) / num_valid
-    return num_experts * torch.sum(fraction_E * mean_prob_E)
+    probs_TE = probs_TE.float()
+    summed_probs_E = probs_TE.sum(dim=0) if weights_T is None else (probs_TE * weights_T.unsqueeze(-1)).sum(dim=0)
+    return num_experts * torch.sum(fraction_E * summed_probs_E) / num_valid
 
 
-def _assignments_per_expert(top_k_index_TK: torch.Tensor, weights_T: torch.Tensor, num_experts: int) -> torch.Tensor:
+def _assignments_per_expert(
+    top_k_index_TK: torch.Tensor, weights_T: torch.Tensor | None, num_experts: int
+) -> torch.Tensor:
+    """(E,) the (token, slot) assignments per expert, each token's weighing `weights_T` (None: 1 each)."""
     # scatter_add, not bincount: no host sync, and padding tokens add weight 0; one extra bin takes the sentinel id
     # of unused slots and is dropped. Out of place, so `torch.vmap` can batch it over sequences (`sequence_mean`)
-    top_k = top_k_index_TK.shape[-1]
-    bins = torch.zeros(num_experts + 1, dtype=torch.float32, device=weights_T.device)
-    return bins.scatter_add(0, top_k_index_TK.reshape(-1), weights_T.repeat_interleave(top_k))[:num_experts]
+    index_N = top_k_index_TK.reshape(-1)
+    bins = torch.zeros(num_experts + 1, dtype=torch.float32, device=top_k_index_TK.device)
+    if weights_T is None:
+        slot_weights_N = bins.new_ones(()).expand(index_N.shape)
+    else:
+        slot_weights_N = weights_T.repeat_interleave(top_k_index_TK.shape[-1])
+    return bins.scatter_add(0, index_N, slot_weights_N)[:num_experts]
 
 
 def assignment_counts(top_k_index_TK: torch.Tensor, token_mask_T: torch.Tensor | None, num_experts: int):
@@ -148,8 +157,10 @@ def router_z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = N
 
     Penalizes large router logits, which keeps the float32 softmax stable. 0 only when every logsumexp is 0.
     """
-    weights_T = _token_weights(logits_TE.shape[0], token_mask_T, logits_TE.device)
     z_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    if token_mask_T is None:
+        return z_T.square().sum() / max(z_T.shape[0], 1)
+    weights_T = _token_weights(logits_TE.shape[0], token_mask_T, logits_TE.device)
     return (z_T.square() * weights_T).sum() / weights_T.sum().clamp_min(1.0)
 
 

@@ -272,33 +272,42 @@ class SparseMoeBlock(KeepsFloat32Buffers, nn.Module):
         token_mask_T: torch.Tensor | None,
         losses: RouterLossValues,
     ) -> None:
-        num_tokens, top_k = decision.top_k_index_TK.shape
+        # every forward runs this, and at small shapes each tensor op costs microseconds: the common case (no padding
+        # mask, nothing dropped) skips the ops whose result it knows (token weights 1, no drops, every token kept)
+        top_k_index_TK = decision.top_k_index_TK
+        num_tokens, top_k = top_k_index_TK.shape
         device = decision.logits_TE.device
-        if token_mask_T is None:
-            token_weights_T = torch.ones(num_tokens, device=device)
+        mask_T = None if token_mask_T is None else token_mask_T.to(device=device, dtype=torch.float32)
+        # each slot's weight: 1, or 0 for a padding token's slots; kept: also 0 for a dropped slot
+        if mask_T is None:
+            routed_weights_N = torch.ones((), device=device).expand(num_tokens * top_k)
         else:
-            token_weights_T = token_mask_T.to(device=device, dtype=torch.float32)
-        expert_N = decision.top_k_index_TK.reshape(-1)
-        # unused slots (sentinel id E) count for no expert
-        slot_weights_N = token_weights_T.repeat_interleave(top_k) * (expert_N < self.num_experts)
-        expert_N = expert_N.clamp(max=self.num_experts - 1)
-        self.routed_tokens_per_expert.scatter_add_(0, expert_N, slot_weights_N)
-        kept_weights_N = slot_weights_N if kept_TK is None else slot_weights_N * kept_TK.reshape(-1)
+            routed_weights_N = mask_T.repeat_interleave(top_k)
+        kept_weights_N = routed_weights_N if kept_TK is None else routed_weights_N * kept_TK.reshape(-1)
+        # both loads in one scatter (row 0 routed, row 1 kept); unused slots (sentinel id E) go to an extra bin, cut off
+        slot_weights_2N = torch.stack([routed_weights_N, kept_weights_N])
+        loads_2X = torch.zeros(2, self.num_experts + 1, device=device)
+        loads_2X.scatter_add_(1, top_k_index_TK.reshape(1, -1).expand(2, -1), slot_weights_2N)
+        routed_load_E, kept_load_E = loads_2X[:, : self.num_experts]
+        self.routed_tokens_per_expert += routed_load_E
         if kept_TK is not None:
-            self.dropped_tokens_per_expert.scatter_add_(0, expert_N, slot_weights_N - kept_weights_N)
-        kept_per_token_T = kept_weights_N.view(num_tokens, top_k).sum(dim=-1)
-        self.kept_slots_sum += kept_per_token_T.sum()
-        self.tokens_without_expert += ((kept_per_token_T == 0).float() * token_weights_T).sum()
-        kept_load_E = torch.zeros_like(self.routed_tokens_per_expert).scatter_add_(0, expert_N, kept_weights_N)
-        self.balanced_forwards += (kept_load_E.max() - kept_load_E.min() <= 1).float()
+            self.dropped_tokens_per_expert += routed_load_E - kept_load_E
+        self.kept_slots_sum += kept_load_E.sum()
+        if kept_TK is not None or self.router.leaves_slots_unused:  # else every token keeps its K >= 1 slots
+            used_and_kept_TK = kept_weights_N.view(num_tokens, top_k) * (top_k_index_TK < self.num_experts)
+            without_expert_T = (used_and_kept_TK.sum(dim=-1) == 0).float()
+            self.tokens_without_expert += (without_expert_T if mask_T is None else without_expert_T * mask_T).sum()
+        least_load, most_load = torch.aminmax(kept_load_E)
+        self.balanced_forwards += (most_load - least_load <= 1).float()
         # of the distribution the routing used (temperature included); entr(0) = 0, so zero probabilities are fine
-        entropy_T = torch.special.entr(decision.routing_probs()).sum(dim=-1)
-        self.router_entropy_sum += (entropy_T * token_weights_T).sum()
-        self.num_tokens += token_weights_T.sum()
-        self.balance_loss_sum += losses.balance_loss.detach()
-        self.z_loss_sum += losses.z_loss.detach()
+        entropy_TE = torch.special.entr(decision.routing_probs())
+        self.router_entropy_sum += entropy_TE.sum() if mask_T is None else (entropy_TE.sum(dim=-1) * mask_T).sum()
+        self.num_tokens += num_tokens if mask_T is None else mask_T.sum()
+        self.balance_loss_sum += losses.balance_loss
+        self.z_loss_sum += losses.z_loss
         self.num_forwards += 1
         if self.diagnostics:
+            token_weights_T = torch.ones(num_tokens, device=device) if mask_T is None else mask_T
             self._count_topk_margin(decision, token_weights_T)
 
     def _count_topk_margin(self, decision: RouterDecision, token_weights_T: torch.Tensor) -> None:

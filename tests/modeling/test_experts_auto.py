@@ -21,6 +21,7 @@ def force_path(monkeypatch):
     ran = []
 
     def force(path: str) -> list[str]:
+        monkeypatch.setattr(experts_auto, "padding_may_pay", lambda *args: path == "padded")
         monkeypatch.setattr(experts_auto, "use_padded_batches", lambda *args: path == "padded")
         for name in ("_padded", "_grouped"):
             original = getattr(experts_auto, name)
@@ -136,6 +137,48 @@ SMALL, LARGE = 64 * 256, 768 * 3072  # multiply-adds per row: D x F
 )
 def test_the_shape_rule(num_slots, num_experts, most_rows, experts_with_rows, per_row, padded):
     assert experts_auto.use_padded_batches(num_slots, num_experts, most_rows, experts_with_rows, per_row) is padded
+
+
+@pytest.mark.parametrize(
+    ("num_slots", "num_experts", "per_row", "may_pay"),
+    [
+        (16, 8, LARGE, True),  # decoding 8 tokens: the rows must be counted to decide
+        (2048, 8, LARGE, False),  # a training batch of GPT-2 small: far more than 16 rows per expert
+        (16, 8, SMALL, False),  # a small layer, whatever the rows
+    ],
+)
+def test_the_rule_decides_what_it_can_before_counting(num_slots, num_experts, per_row, may_pay):
+    assert experts_auto.padding_may_pay(num_slots, num_experts, per_row) is may_pay
+
+
+@pytest.mark.parametrize(("hidden", "counted"), [(32, False), (1024, True)])
+def test_rows_are_counted_once_and_only_where_padding_may_pay(hidden, counted, monkeypatch):
+    """Small layers go grouped without a count or a host read; where the rows were counted for the rule, the
+    grouped path gets those counts instead of counting again."""
+    experts = _experts("gpt2", hidden=hidden, inner=1024)  # D x F: 2^15, then 2^20
+    experts.config._experts_implementation = AUTO_EXPERTS_IMPLEMENTATION
+    bincounts, histcs, given_counts = [], [], []
+    for name, calls in (("bincount", bincounts), ("histc", histcs)):
+        original = getattr(torch, name)
+
+        def recording(*args, _original=original, _calls=calls, **kwargs):
+            _calls.append(1)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, recording)
+    original_grouped = experts_auto._grouped
+
+    def grouped(experts, x_ND, expert_N, rows_per_expert_E=None):
+        given_counts.append(rows_per_expert_E is not None)
+        return original_grouped(experts, x_ND, expert_N, rows_per_expert_E)
+
+    monkeypatch.setattr(experts_auto, "_grouped", grouped)
+    torch.manual_seed(1)
+    # one token at top-2 of 4 experts: half the experts idle, so the rule says grouped either way
+    index_TK = torch.tensor([[0, 1]])
+    experts(torch.randn(1, hidden), index_TK, torch.rand(1, 2))
+    assert given_counts == [counted]
+    assert (len(bincounts), len(histcs)) == ((1, 0) if counted else (0, 1))
 
 
 ROUTERS = {
