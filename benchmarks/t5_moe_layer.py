@@ -130,6 +130,9 @@ def time_round_robin(
     samples: dict[str, list[float]] = {name: [] for name in layers}
     for _ in range(repeats):
         for name, layer in layers.items():
+            # untimed first: a step right after another layer's ran 10-15% slower (caches, allocator), so whichever
+            # variant followed Switch's per-expert loop looked slower (the D 64 rows, measured 2026-12-03)
+            step(layer, x_BSD, grad_BSD)
             start = time.perf_counter()
             step(layer, x_BSD, grad_BSD)
             samples[name].append(time.perf_counter() - start)

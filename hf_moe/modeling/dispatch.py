@@ -153,11 +153,13 @@ def run_experts(
     kept_slots_N = kept_TK.reshape(-1).nonzero().squeeze(-1)  # the layer's one host sync
     out_ND = hidden_TD.new_zeros(num_tokens * top_k, hidden_TD.shape[-1])
     if kept_slots_N.numel() > 0 or always_call:
+        # index_select / index_copy rather than advanced indexing: their backwards are a row scatter-add and a row
+        # gather, where advanced indexing's is an accumulating `index_put_` (slow on CPU; see `experts_auto.py`)
         out_kept = experts(
-            hidden_TD[kept_slots_N // top_k],
-            top_k_index_TK.reshape(-1, 1)[kept_slots_N],
-            weights_TK.reshape(-1, 1)[kept_slots_N],
+            hidden_TD.index_select(0, kept_slots_N // top_k),
+            top_k_index_TK.reshape(-1, 1).index_select(0, kept_slots_N),
+            weights_TK.reshape(-1, 1).index_select(0, kept_slots_N),
         )
-        out_ND = out_ND.index_put((kept_slots_N,), out_kept.to(out_ND.dtype))
+        out_ND = out_ND.index_copy(0, kept_slots_N, out_kept.to(out_ND.dtype))  # each slot once
     # reshape + sum rather than index_add_: deterministic on GPU
     return out_ND.view(num_tokens, top_k, -1).sum(dim=1)

@@ -129,13 +129,19 @@ class RowsSeen(torch.nn.Module):
 
 def test_run_experts_only_on_kept_slots_and_sums_them_per_token():
     experts = RowsSeen()
-    hidden_TD = torch.randn(3, 5)
+    hidden_TD = torch.randn(3, 5, requires_grad=True)
     index_TK = torch.tensor([[0, 1], [1, 4], [2, 3]])
-    weights_TK = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
+    weights_TK = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]], requires_grad=True)
     kept_TK = torch.tensor([[True, False], [True, False], [True, True]])
     out_TD = run_experts(experts, hidden_TD, index_TK, weights_TK, kept_TK)
     assert experts.rows == [4]  # dropped and unused slots cost no expert rows
     torch.testing.assert_close(out_TD, hidden_TD * torch.tensor([[0.5], [1.0], [1.0]]))
+    # gradients flow to the kept slots only: d out / d hidden = sum of kept weights, d out / d weight = hidden
+    grad_TD = torch.randn(3, 5)
+    out_TD.backward(grad_TD)
+    torch.testing.assert_close(hidden_TD.grad, grad_TD * torch.tensor([[0.5], [1.0], [1.0]]))
+    slot_grad_T = (grad_TD * hidden_TD.detach()).sum(dim=-1)
+    torch.testing.assert_close(weights_TK.grad, slot_grad_T.unsqueeze(-1) * kept_TK.float())
     # no slot kept: the experts are skipped unless a collective needs every rank (expert parallelism)
     run_experts(experts, hidden_TD, index_TK, weights_TK, torch.zeros_like(kept_TK))
     run_experts(experts, hidden_TD, index_TK, weights_TK, torch.zeros_like(kept_TK), always_call=True)
